@@ -1,15 +1,17 @@
 """A bank of expert MLPs and the sparse dispatch that runs only the routed tokens.
 
-Experts are ``C -> hidden -> C`` MLPs (hidden = 4C in the paper) with ReLU and dropout,
-stored as stacked weight tensors ``(E, ...)``. Dispatch sorts the ``T*k`` (token, expert)
-assignments by expert so that every expert sees one contiguous slice of rows, runs the
-experts on those slices only (cost scales with ``top_k / num_experts``), and adds the
-gate-weighted results back per token with one ``index_add``.
+Experts are ``C -> hidden -> C`` MLPs (hidden = 4C in the paper) with ReLU and dropout on
+the hidden layer, stored as stacked weights ``(E, ...)``. Dispatch sorts the ``T*k``
+(token, expert) assignments by expert so that each expert sees one contiguous run of rows,
+runs every expert on its rows only (cost scales with ``top_k / num_experts``) and adds the
+gate-weighted results back per token.
 
-Large inputs (3D feature maps with hundreds of thousands of tokens) are processed in row
-chunks so the ``(rows, hidden)`` activation stays small; while training, each chunk is
-recomputed in the backward pass instead of being stored (activation checkpointing), which
-keeps memory proportional to the tokens, not to ``tokens * hidden``.
+The forward and backward passes are fused in one autograd function that walks the sorted
+rows in chunks of ``chunk_rows``: the ``(rows, hidden)`` activation of a chunk stays in
+cache and is never stored; the backward pass recomputes it. Memory is therefore
+``O(tokens * C)`` instead of ``O(tokens * k * hidden)``, which matters on 3D feature maps
+with hundreds of thousands of tokens, and the five backward matrix products per chunk
+reuse one ``dy @ W2^T`` for both the hidden gradient and the gate gradient.
 """
 
 from __future__ import annotations
@@ -17,12 +19,87 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
-DEFAULT_CHUNK_ROWS = 8192
-"""Rows of the sorted assignment list processed at once (``rows * hidden`` floats live)."""
+DEFAULT_CHUNK_ROWS = 4096
+"""Sorted assignment rows computed at once; ``rows * hidden`` floats stay live."""
+
+
+def _chunks(counts: list[int], chunk_rows: int):
+    """Yield ``(expert, lo, hi)`` row ranges of the expert-sorted assignment list."""
+    start = 0
+    for e, count in enumerate(counts):
+        for lo in range(start, start + count, chunk_rows):
+            yield e, lo, min(lo + chunk_rows, start + count)
+        start += count
+
+
+def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
+    """Inverted-dropout mask regenerated identically in the backward pass."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    keep = torch.rand(shape, generator=gen, device=device) >= p
+    return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
+
+
+class _SparseExperts(torch.autograd.Function):
+    """``out[t] = sum_{rows r of t} gate[r] * MLP_{e(r)}(x[t])`` for expert-sorted rows."""
+
+    @staticmethod
+    def forward(ctx, x, rows_token, rows_gate, w1, b1, w2, b2, counts, chunk_rows, p, seed):
+        out = torch.zeros_like(x)
+        for i, (e, lo, hi) in enumerate(_chunks(counts, chunk_rows)):
+            tok = rows_token[lo:hi]
+            h = torch.addmm(b1[e], x.index_select(0, tok), w1[e]).relu_()
+            if p > 0:
+                h.mul_(_dropout_mask(h.shape, p, seed + i, x.device).to(h.dtype))
+            y = torch.addmm(b2[e], h, w2[e])
+            out.index_add_(0, tok, y.mul_(rows_gate[lo:hi, None]))
+        ctx.save_for_backward(x, rows_token, rows_gate, w1, b1, w2, b2)
+        ctx.config = (counts, chunk_rows, p, seed)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, rows_token, rows_gate, w1, b1, w2, b2 = ctx.saved_tensors
+        counts, chunk_rows, p, seed = ctx.config
+        need_x, _, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
+        grad_out = grad_out.contiguous()
+        dx = torch.zeros_like(x) if need_x else None
+        dgate = torch.empty_like(rows_gate) if need_gate else None
+        dw1, db1 = torch.zeros_like(w1), torch.zeros_like(b1)
+        dw2, db2 = torch.zeros_like(w2), torch.zeros_like(b2)
+        for i, (e, lo, hi) in enumerate(_chunks(counts, chunk_rows)):
+            tok = rows_token[lo:hi]
+            gate = rows_gate[lo:hi, None]
+            xs = x.index_select(0, tok)
+            h = torch.addmm(b1[e], xs, w1[e]).relu_()
+            active = h > 0
+            if p > 0:
+                h.mul_(_dropout_mask(h.shape, p, seed + i, x.device).to(h.dtype))
+            dyo = grad_out.index_select(0, tok)  # d out / d (gate * y)
+            u = dyo @ w2[e].T  # (rows, hidden), shared by dgate and dh
+            if need_gate:
+                dgate[lo:hi] = (h * u).sum(1) + dyo @ b2[e]
+            dy = dyo * gate
+            dw2[e].addmm_(h.T, dy)
+            db2[e] += dy.sum(0)
+            dh = u.mul_(gate)  # = dy @ W2^T
+            if p > 0:
+                dh.mul_(_dropout_mask(h.shape, p, seed + i, x.device).to(dh.dtype))
+            dh.mul_(active)
+            dw1[e].addmm_(xs.T, dh)
+            db1[e] += dh.sum(0)
+            if need_x:
+                dx.index_add_(0, tok, dh @ w1[e].T)
+        return (
+            dx, None, dgate,
+            dw1 if need_w1 else None, db1 if need_b1 else None,
+            dw2 if need_w2 else None, db2 if need_b2 else None,
+            None, None, None, None,
+        )  # fmt: skip
 
 
 class ExpertBank(nn.Module):
@@ -32,7 +109,7 @@ class ExpertBank(nn.Module):
         embed_dim: token width C.
         num_experts: number of experts E.
         mlp_ratio: hidden width as a multiple of C (4 in the paper).
-        dropout: dropout probability applied after the ReLU.
+        dropout: dropout probability applied after the ReLU while training.
     """
 
     def __init__(
@@ -40,8 +117,11 @@ class ExpertBank(nn.Module):
     ) -> None:
         super().__init__()
         hidden = int(round(embed_dim * mlp_ratio))
-        if hidden < 1:
-            raise ValueError(f"mlp_ratio={mlp_ratio} gives an empty hidden layer")
+        if embed_dim < 1 or hidden < 1:
+            raise ValueError(f"need embed_dim >= 1 and a non-empty hidden layer, got "
+                             f"embed_dim={embed_dim}, mlp_ratio={mlp_ratio}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim = embed_dim
@@ -56,16 +136,17 @@ class ExpertBank(nn.Module):
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s default init, expert by expert."""
-        for w, b, fan_in in ((self.w1, self.b1, self.embed_dim), (self.w2, self.b2, self.hidden_dim)):
+        for w, b, fan_in in ((self.w1, self.b1, self.embed_dim),
+                             (self.w2, self.b2, self.hidden_dim)):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Run expert ``e`` on rows ``(R, C)`` → ``(R, C)``."""
-        h = F.relu(torch.addmm(self.b1[e], x, self.w1[e]))
+        """Run expert ``e`` on rows ``(R, C)`` → ``(R, C)`` (plain autograd; for reference use)."""
+        h = torch.relu(torch.addmm(self.b1[e], x, self.w1[e]))
         if self.dropout and self.training:
-            h = F.dropout(h, self.dropout, training=True)
+            h = nn.functional.dropout(h, self.dropout, training=True)
         return torch.addmm(self.b2[e], h, self.w2[e])
 
     def forward(
@@ -81,37 +162,27 @@ class ExpertBank(nn.Module):
             x: tokens ``(T, C)``.
             indices: chosen experts ``(T, k)``.
             gates: their weights ``(T, k)``.
-            chunk_rows: rows of the sorted assignment list run at once.
+            chunk_rows: sorted assignment rows computed at once.
 
         Returns:
-            ``(T, C)``: ``sum_j gates[t, j] * E_{indices[t, j]}(x[t])``.
+            ``(T, C)`` with row t = ``sum_j gates[t, j] * E_{indices[t, j]}(x[t])``.
         """
         T, k = indices.shape
         flat_expert = indices.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
-        token_of_row = torch.div(order, k, rounding_mode="floor")
-        gate_of_row = gates.reshape(-1)[order]
+        rows_token = torch.div(order, k, rounding_mode="floor")
+        rows_gate = gates.reshape(-1)[order]
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
 
-        use_checkpoint = torch.is_grad_enabled() and x.requires_grad or (
-            torch.is_grad_enabled() and self.w1.requires_grad
-        )
-        pieces = []
-        start = 0
-        for e, count in enumerate(counts):
-            for lo in range(start, start + count, chunk_rows):
-                hi = min(lo + chunk_rows, start + count)
-                rows = token_of_row[lo:hi]
-                if use_checkpoint and count > chunk_rows:
-                    y = checkpoint(self._gather_run, x, rows, e, use_reentrant=False)
-                else:
-                    y = self._gather_run(x, rows, e)
-                pieces.append(y * gate_of_row[lo:hi, None])
-            start += count
-        out = torch.zeros_like(x)
-        if pieces:
-            out = out.index_add(0, token_of_row, torch.cat(pieces))
-        return out
-
-    def _gather_run(self, x: torch.Tensor, rows: torch.Tensor, e: int) -> torch.Tensor:
-        return self.expert(e, x.index_select(0, rows))
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+        p = self.dropout if self.training else 0.0
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        with torch.autocast(x.device.type, enabled=False):
+            out = _SparseExperts.apply(
+                x.to(dtype).contiguous(), rows_token, rows_gate.to(dtype), *weights,
+                counts, chunk_rows, p, seed,
+            )  # fmt: skip
+        return out.to(x.dtype)

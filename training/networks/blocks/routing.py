@@ -148,7 +148,9 @@ class AttributeRouterBank(nn.Module):
         k = self.top_k
         k_extra = min(k + 1, self.num_experts) if (want_aux and noisy) else k
         top_logits, top_idx = logits.topk(k_extra, dim=-1)
-        gates = torch.softmax(top_logits[..., :k].float(), dim=-1).to(x.dtype)
+        top = top_logits[..., :k]
+        low_precision = top.dtype in (torch.float16, torch.bfloat16)
+        gates = torch.softmax(top.float() if low_precision else top, dim=-1).to(x.dtype)
         indices = top_idx[..., :k]
         aux = x.new_zeros((), dtype=torch.float32)
         if want_aux:
