@@ -84,7 +84,12 @@ def _measure(shape: str, impl: str, mode: str, repeats: int) -> dict:
     layer.eval()  # routing noise and dropout off: both implementations are deterministic
     x = torch.randn(s["B"], s["N"], s["C"], requires_grad=(mode == "fwd+bwd"))
     attr = torch.arange(s["B"]) % s["A"]
-    run = (lambda: layer(x, attr).output) if impl == "dmoe" else (lambda: naive_forward(layer, x, attr))
+    if impl == "dmoe":
+        def run():
+            return layer(x, attr).output
+    else:
+        def run():
+            return naive_forward(layer, x, attr)
 
     def step():
         if mode == "fwd":
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=sorted(SHAPES), action="append")
-    parser.add_argument("--child", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("SHAPE", "IMPL", "MODE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_measure(*args.child, repeats=args.repeats)))

@@ -166,7 +166,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
         meta = json.loads(meta_raw)
         model_name, model_kwargs = meta["model"]["name"], meta["model"]["kwargs"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: napari-dmoe metadata is incomplete or corrupt ({exc!r})") from None
+        raise ValueError(
+            f"{path}: napari-dmoe metadata is incomplete or corrupt ({exc!r})"
+        ) from None
     if not isinstance(model_name, str) or not isinstance(model_kwargs, dict):
         raise ValueError(f"{path}: metadata 'model' must hold a name and a kwargs object")
     version = meta.get("format_version")
