@@ -1,0 +1,62 @@
+"""Shared CLI plumbing: ``--config file.yaml`` defaults and YAML output."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML",
+                        help="YAML file whose keys (flag names, - or _) set defaults; "
+                             "flags on the command line win")
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, required: Sequence[str] = ()
+) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config`` replace defaults before the real parse.
+
+    ``required`` names options that must come from either place (argparse's own
+    ``required=True`` would reject a value given only in the YAML file).
+    """
+    import yaml
+
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "config", None):
+        path = Path(pre.config)
+        if not path.is_file():
+            parser.error(f"--config {path}: no such file")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            parser.error(f"--config {path}: expected a mapping of option names to values")
+        known = {a.dest for a in parser._actions}
+        values = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {path}: unknown options {unknown}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    for name in required:
+        if getattr(args, name, None) in (None, ""):
+            parser.error(f"--{name.replace('_', '-')} is required (on the command line or "
+                         "in --config)")
+    return args
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as block-style YAML (tuples become lists)."""
+    import yaml
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    Path(path).write_text(yaml.safe_dump(plain(data), sort_keys=False))

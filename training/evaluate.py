@@ -1,0 +1,125 @@
+"""``python -m training.evaluate``: per-group fairness evaluation of a checkpoint.
+
+``--checkpoint CKPT --data PATH [--split test] --out DIR`` writes ``metrics.json``,
+``per_case.csv``, ``report.md`` (the paper's table layout) and ``violin.png``.
+``--compare DIR1 DIR2 …`` puts several evaluation outputs side by side in one markdown
+table (rows = methods), printed and, with ``--out``, written to ``compare.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cli import add_config_argument, parse_with_config
+
+
+@dataclass
+class EvaluationResult:
+    out: Path
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+def load_split(data: str | Path, split: str, *, format: str | None = None, seed: int = 0,
+               val_fraction: float = 0.15, test_fraction: float = 0.15,
+               require_labels: bool = True, attribute: str | None = None,
+               spatial_dims: int | None = None):
+    """Cases of one split, checked. Splits missing from the data are assigned as in fit."""
+    from .data import DataError, assign_splits, load_cases, validate_cases
+
+    cases = assign_splits(load_cases(data, format), val_fraction, test_fraction, seed=seed)
+    if split != "all":
+        cases = [c for c in cases if c.split == split]
+    if not cases:
+        raise DataError(f"no cases in split {split!r} of {data}; use --split train|val|test|all")
+    validate_cases(cases, attribute, spatial_dims=spatial_dims, require_labels=require_labels)
+    return cases
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
+             format: str | None = None, device: str = "auto", seed: int = 0,
+             progress=None) -> EvaluationResult:
+    """Segment every case of ``split`` and write the fairness report into ``out``."""
+    from .data import read_case
+    from .engine import evaluate_cases
+    from .inference import Segmenter
+    from .report import plot_violin, write_metrics_json, write_per_case_csv, write_report_md
+
+    seg = Segmenter.from_checkpoint(checkpoint, device=device)
+    cfg = (seg.metadata.get("provenance") or {}).get("config") or {}
+    attribute = seg.attribute_name
+    cases = load_split(data, split, format=format, seed=cfg.get("seed", seed),
+                       val_fraction=cfg.get("val_fraction", 0.15),
+                       test_fraction=cfg.get("test_fraction", 0.15),
+                       attribute=attribute, spatial_dims=seg.spatial_dims)
+    loaded = []
+    for c in cases:
+        image, label, _ = read_case(c, spatial_dims=seg.spatial_dims)
+        loaded.append((c.id, image, label, c.attributes.get(attribute, "") if attribute else ""))
+    fairness = evaluate_cases(seg, loaded, attribute, progress=progress)
+    summary = fairness.summary()
+    summary["checkpoint"] = str(checkpoint)
+    summary["split"] = split
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics_json(summary, out / "metrics.json")
+    write_per_case_csv(fairness.records, seg.class_names, attribute or "attribute",
+                       out / "per_case.csv")
+    write_report_md(summary, out / "report.md",
+                    title=f"{Path(checkpoint).name} on {split} ({len(cases)} cases)")
+    plot_violin(fairness.records, seg.class_names, out / "violin.png")
+    return EvaluationResult(out, summary, fairness.records)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                description=__doc__.split("\n")[0])
+    add_config_argument(p)
+    p.add_argument("--checkpoint", help="a .safetensors checkpoint from training.fit")
+    p.add_argument("--data", help="manifest.csv or dataset folder")
+    p.add_argument("--format", choices=["manifest", "fairseg", "ham10000"])
+    p.add_argument("--split", default="test", help="train, val, test or all (default test)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="evaluation folders to put side by side (no model is run)")
+    p.add_argument("--names", nargs="+", help="method names for --compare rows")
+    return p
+
+
+def main(argv: list[str] | None = None) -> EvaluationResult | str:
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    from .data import DataError
+
+    try:
+        if args.compare:
+            from .report import compare_markdown
+
+            table = compare_markdown([Path(d) for d in args.compare], args.names)
+            print(table)
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "compare.md").write_text(table + "\n")
+            return table
+        missing = [f"--{n}" for n in ("checkpoint", "data", "out") if not getattr(args, n)]
+        if missing:
+            parser.error(f"{', '.join(missing)} required (or --compare DIR ...)")
+        result = evaluate(args.checkpoint, args.data, args.out, split=args.split,
+                          format=args.format, device=args.device)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    mean = result.summary["mean"]
+    print(f"{len(result.records)} cases: Dice {mean['dice']:.4f}  ES-Dice {mean['es_dice']:.4f}  "
+          f"IoU {mean['iou']:.4f}  ES-IoU {mean['es_iou']:.4f}")
+    for g, v in mean["groups"].items():
+        print(f"  {g:>12} (n={v['n']}): Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
+    print(f"wrote {result.out}/metrics.json, per_case.csv, report.md, violin.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
