@@ -316,6 +316,18 @@ class _Bar:
         self._bar.close()
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__.split("\n")[0])
     add_config_argument(p)
@@ -339,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe", default="dmoe", choices=["none", "moe", "dmoe"])
     g.add_argument("--attribute-dropout", type=float, default=0.1,
                    help="share of training samples routed as 'unknown' (trains that router)")
+    g.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='extra network arguments, e.g. \'{"embed_dim": 64, "depth": 2}\'')
     g.add_argument("--moe-importance-weight", type=float, default=0.0)
     g.add_argument("--moe-load-weight", type=float, default=0.0)
     g = p.add_argument_group("optimisation")

@@ -1,0 +1,117 @@
+"""fit → evaluate → predict end to end on a tiny synthetic set (CPU, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from training import evaluate as evaluate_cli
+from training import fit as fit_cli
+from training import predict as predict_cli
+from training.checkpoint import load_checkpoint
+from training.data import make_synthetic_dataset, read_image, read_label
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--lr", "3e-3", "--quiet",
+        "--model-kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 2}']
+
+
+@pytest.fixture(scope="module")
+def fundus(tmp_path_factory):
+    return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(fundus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = fit_cli.main(["--data", str(fundus), "--attribute", "race", "--classes",
+                           "background,rim,cup", "--epochs", "2", "--out", str(out), *FAST])
+    return result
+
+
+def test_fit_writes_promised_outputs(trained):
+    out = trained.out
+    for name in ("best.safetensors", "last.safetensors", "config.yaml", "history.csv"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"loss", "val_dice", "val_es_dice", "lr", "train_seconds"} <= set(rows[0])
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["attribute"] == "race" and config["moe"] == "dmoe" and config["epochs"] == 2
+    model, meta = load_checkpoint(out / "best.safetensors")
+    assert meta["class_names"] == ["background", "rim", "cup"]
+    assert meta["attribute"] == {"name": "race", "vocabulary": ["Asian", "Black", "White"],
+                                 "unknown_router": True}
+    assert meta["preprocessing"]["image_size"] == [32, 32]
+    assert meta["provenance"]["validation"]["mean"]["es_dice"] == pytest.approx(
+        trained.best_metric)
+    assert meta["provenance"]["data_manifest_hash"]
+
+
+def test_config_file_sets_flags_and_cli_wins(fundus, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": str(fundus), "attribute": "race", "epochs": 5,
+                                   "moe": "moe", "image-size": 32, "quiet": True,
+                                   "model_kwargs": {"embed_dim": 32, "depth": 1,
+                                                    "num_heads": 2}}))
+    res = fit_cli.main(["--config", str(cfg), "--epochs", "1", "--out", str(tmp_path / "o")])
+    saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["moe"] == "moe"
+    assert res.epochs_run == 1
+
+
+def test_seeded_cpu_runs_repeat_exactly(fundus, tmp_path):
+    args = ["--data", str(fundus), "--attribute", "race", "--epochs", "1", *FAST]
+    a = fit_cli.main([*args, "--out", str(tmp_path / "a")])
+    b = fit_cli.main([*args, "--out", str(tmp_path / "b")])
+    assert a.history[0]["loss"] == b.history[0]["loss"]
+    assert a.history[0]["val_es_dice"] == b.history[0]["val_es_dice"]
+
+
+def test_evaluate_writes_report_in_schema(trained, fundus, tmp_path):
+    res = evaluate_cli.main(["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
+                             "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["attribute"] == "race"
+    assert set(metrics["classes"]) == {"rim", "cup"}
+    for entry in [*metrics["classes"].values(), metrics["mean"]]:
+        assert {"dice", "iou", "es_dice", "es_iou", "groups"} <= set(entry)
+        assert entry["es_dice"] <= entry["dice"] + 1e-12
+    n = sum(g["n"] for g in metrics["mean"]["groups"].values())
+    rows = list(csv.DictReader(open(tmp_path / "per_case.csv")))
+    assert len(rows) == n == len(res.records)
+    assert "| ES-Dice" in (tmp_path / "report.md").read_text().replace("|ES-Dice", "| ES-Dice")
+    assert (tmp_path / "violin.png").stat().st_size > 1000
+    # compare: two evaluation folders side by side
+    table = evaluate_cli.main(["--compare", str(tmp_path), str(tmp_path), "--names", "a", "b"])
+    assert "| a" in table and "| b" in table
+
+
+def test_predict_dataset_and_single_image(trained, fundus, tmp_path):
+    rows = predict_cli.main(["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
+                             "--split", "test", "--out", str(tmp_path / "p")])
+    assert rows
+    listed = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    assert [r["id"] for r in listed] == [r["id"] for r in rows]
+    first = listed[0]
+    assert first["file"].endswith(".png")
+    labels = read_label(tmp_path / "p" / first["file"])
+    image, _ = read_image(fundus.parent / "images" / f"{first['id']}.png")
+    assert labels.shape == image.shape[1:]
+    assert set(np.unique(labels)) <= {0, 1, 2}
+
+    img = fundus.parent / "images" / f"{first['id']}.png"
+    one = predict_cli.main(["--checkpoint", str(trained.best_checkpoint), "--image", str(img),
+                            "--out", str(tmp_path / "q")])
+    assert one == [{"id": first["id"], "attribute_value": "unknown", "file": f"{first['id']}.png"}]
+
+
+def test_bad_data_stops_before_training(tmp_path, fundus):
+    with pytest.raises(SystemExit) as err:
+        fit_cli.main(["--data", str(fundus), "--attribute", "ethnicity", "--out",
+                      str(tmp_path), *FAST])
+    assert err.value.code == 2
+    assert not (tmp_path / "last.safetensors").exists()
