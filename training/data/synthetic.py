@@ -1,0 +1,207 @@
+"""Synthetic datasets whose groups differ in appearance *and* in contouring policy.
+
+``make_synthetic_dataset(kind, out, n, seed)`` writes a generic manifest
+(shared/DATA_FORMATS.md §1): ``manifest.csv`` (image,label,split,id,<attribute>),
+``images/``, ``labels/`` and ``dataset.json`` (classes, groups, policies, suggested
+preprocessing). Splits are 70/15/15, stratified by attribute, and every group appears in
+train, val and test. Files are byte-identical for a given (kind, n, seed).
+
+Design. Each structure is a smooth blob whose visible edge is a wide soft ramp of the
+normalised radius ``rho`` (1 = middle of the ramp). The *majority* group's annotators
+contour at ``rho = 1``; rare groups' annotators use a systematically different threshold
+(their policy). The group's appearance shifts only slightly (weak cue), so a model blind
+to the attribute learns the majority policy and loses Dice on rare groups; a model that
+routes on the attribute can learn each group's policy.
+
+fundus (grayscale PNG 192x192; classes background, rim = 1, cup = 2; column ``race``):
+    White 76 %  disc at rho 1.0, cup at rho 1.0 (middle of the pallor ramp);
+                base brightness 0.42.
+    Black 15 %  disc 1.0, cup drawn at the *outer* edge of pallor (rho 1.3): larger cups,
+                thinner rim; slightly darker fundus (0.38), discs 6 % larger.
+    Asian  9 %  disc drawn tight (rho 0.93), cup only the bright core (rho 0.72): thick
+                rim; slightly finer texture, base 0.40.
+skin (RGB JPG 160x120 like HAM10000's 4:3; lesion = 1; column ``age_group``):
+    40-59 38 %, 60-79 37 %   lesion contoured at rho 1.0 (middle of the penumbra).
+    20-39 15 %  slightly tight (rho 0.88).
+    <20    3 %  only the dark core (rho 0.74); lighter, smaller lesions.
+    >=80   7 %  generous, whole penumbra (rho 1.26); more hair, coarser skin.
+ct (NIfTI int16 HU 64x64x32, spacing 0.9x0.9x2.5 mm, non-identity affine; tumour = 1;
+column ``t_stage``):
+    T2 31 %, T3 59 %  tumour at rho 1.0 (middle of the hypodense ramp).
+    T1  4 %  contoured with a margin (rho 1.3); small, low-contrast lesions.
+    T4  6 %  solid core only (rho 0.78); larger, more heterogeneous lesions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.data.io import write_label
+from training.data.manifest import write_manifest
+from training.data.synthetic_images import draw_ct, draw_fundus, draw_skin
+
+KINDS = ("fundus", "skin", "ct")
+DEFAULT_N = {"fundus": 400, "skin": 400, "ct": 60}
+SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}
+CT_SHAPE, CT_SPACING = (64, 64, 32), (0.9, 0.9, 2.5)
+FUNDUS_SIZE, SKIN_SIZE = 192, (120, 160)
+
+# group: (share, appearance ("look"), contouring policy ("cut"))
+GROUPS: dict[str, dict[str, tuple[float, dict, dict]]] = {
+    "fundus": {
+        "Asian": (0.09, dict(base=0.40, texture=0.030, disc_scale=1.0, cdr=0.48, contrast=1.0),
+                  dict(disc=0.93, cup=0.72)),
+        "Black": (0.15, dict(base=0.38, texture=0.025, disc_scale=1.06, cdr=0.50,
+                             contrast=0.95), dict(disc=1.0, cup=1.3)),
+        "White": (0.76, dict(base=0.42, texture=0.025, disc_scale=1.0, cdr=0.46, contrast=1.0),
+                  dict(disc=1.0, cup=1.0)),
+    },
+    "skin": {
+        "<20": (0.03, dict(tone=0.30, texture=0.012, size=0.24, pigment=1.15, hairs=1.0),
+                dict(lesion=0.74)),
+        "20-39": (0.15, dict(tone=0.35, texture=0.014, size=0.26, pigment=1.05, hairs=1.5),
+                  dict(lesion=0.88)),
+        "40-59": (0.38, dict(tone=0.38, texture=0.015, size=0.27, pigment=1.0, hairs=2.0),
+                  dict(lesion=1.0)),
+        "60-79": (0.37, dict(tone=0.40, texture=0.017, size=0.28, pigment=0.97, hairs=2.5),
+                  dict(lesion=1.0)),
+        ">=80": (0.07, dict(tone=0.44, texture=0.021, size=0.28, pigment=0.95, hairs=3.5),
+                 dict(lesion=1.26)),
+    },
+    "ct": {
+        "T1": (0.04, dict(radius=7.0, contrast=62.0, texture=7.0), dict(tumour=1.3)),
+        "T2": (0.31, dict(radius=8.5, contrast=66.0, texture=8.0), dict(tumour=1.0)),
+        "T3": (0.59, dict(radius=9.5, contrast=68.0, texture=8.0), dict(tumour=1.0)),
+        "T4": (0.06, dict(radius=11.0, contrast=70.0, texture=11.0), dict(tumour=0.78)),
+    },
+}
+ATTRIBUTE = {"fundus": "race", "skin": "age_group", "ct": "t_stage"}
+CLASSES = {"fundus": ["background", "rim", "cup"], "skin": ["background", "lesion"],
+           "ct": ["background", "tumour"]}
+SUGGESTED = {
+    "fundus": dict(spatial_dims=2, image_size=[128, 128], center_crop=None,
+                   intensity="minmax", in_channels=1),
+    "skin": dict(spatial_dims=2, image_size=[96, 128], center_crop=None,
+                 intensity="minmax", in_channels=3),
+    "ct": dict(spatial_dims=3, patch_size=[48, 48, 24], intensity="ct_window",
+               ct_window=[-150.0, 250.0], in_channels=1),
+}
+_KIND_CODE = {"fundus": 1, "skin": 2, "ct": 3}
+
+
+def ct_affine() -> np.ndarray:
+    """Affine of the synthetic CT: anisotropic, axes flipped like LPS data seen in RAS."""
+    affine = np.diag([-CT_SPACING[0], -CT_SPACING[1], CT_SPACING[2], 1.0])
+    affine[:3, 3] = [CT_SHAPE[0] * CT_SPACING[0] / 2, CT_SHAPE[1] * CT_SPACING[1] / 2, -40.0]
+    return affine
+
+
+def group_counts(kind: str, n: int) -> dict[str, int]:
+    """Cases per group: largest-remainder rounding of the shares, at least 3 per group."""
+    groups = GROUPS[kind]
+    if n < 3 * len(groups):
+        raise ValueError(f"n must be at least {3 * len(groups)} for kind {kind!r} (3 cases "
+                         f"per group, one per split), got {n}")
+    exact = {g: share * n for g, (share, _, _) in groups.items()}
+    counts = {g: int(np.floor(v)) for g, v in exact.items()}
+    order = sorted(groups, key=lambda g: (-(exact[g] - counts[g]), g))
+    for g in order[: n - sum(counts.values())]:
+        counts[g] += 1
+    for g in groups:
+        while counts[g] < 3:
+            donor = max(counts, key=lambda k: counts[k])
+            counts[donor] -= 1
+            counts[g] += 1
+    return counts
+
+
+def _assign(kind: str, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Group and split of every case index (stratified 70/15/15)."""
+    rng = np.random.default_rng([seed, _KIND_CODE[kind], 0])
+    counts = group_counts(kind, n)
+    groups = [g for g in GROUPS[kind] for _ in range(counts[g])]
+    groups = [groups[i] for i in rng.permutation(n)]
+    splits = ["train"] * n
+    for g in GROUPS[kind]:
+        members = [i for i, x in enumerate(groups) if x == g]
+        members = [members[i] for i in rng.permutation(len(members))]
+        n_val = max(1, int(round(SPLIT_FRACTIONS["val"] * len(members))))
+        n_test = max(1, int(round(SPLIT_FRACTIONS["test"] * len(members))))
+        for i in members[:n_val]:
+            splits[i] = "val"
+        for i in members[n_val:n_val + n_test]:
+            splits[i] = "test"
+    return groups, splits
+
+
+def _write_case(kind: str, rng: np.random.Generator, group: str, out: Path, case_id: str
+                ) -> tuple[str, str]:
+    from PIL import Image
+
+    _, look, cut = GROUPS[kind][group]
+    if kind == "fundus":
+        image, label = draw_fundus(rng, look, cut, FUNDUS_SIZE)
+        image_rel, label_rel = f"images/{case_id}.png", f"labels/{case_id}.png"
+        Image.fromarray(image, mode="L").save(out / image_rel)
+        write_label(out / label_rel, label)
+    elif kind == "skin":
+        image, label = draw_skin(rng, look, cut, *SKIN_SIZE)
+        image_rel, label_rel = f"images/{case_id}.jpg", f"labels/{case_id}.png"
+        Image.fromarray(image, mode="RGB").save(out / image_rel, quality=92)
+        write_label(out / label_rel, label)
+    else:
+        import nibabel as nib
+
+        volume, label = draw_ct(rng, look, cut, CT_SHAPE, CT_SPACING)
+        image_rel, label_rel = f"images/{case_id}.nii.gz", f"labels/{case_id}.nii.gz"
+        img = nib.Nifti1Image(volume, ct_affine())
+        img.header.set_xyzt_units("mm", "sec")
+        img.set_qform(ct_affine(), code=1)
+        img.set_sform(ct_affine(), code=1)
+        nib.save(img, str(out / image_rel))
+        write_label(out / label_rel, label, {"affine": ct_affine(),
+                                             "nifti_header": bytes(img.header.binaryblock)})
+    return image_rel, label_rel
+
+
+def make_synthetic_dataset(kind: str, out: str | Path, n: int | None = None, seed: int = 0,
+                           progress=None) -> Path:
+    """Write a synthetic dataset (see module docstring) and return its ``manifest.csv``.
+
+    Args:
+        kind: ``"fundus"``, ``"skin"`` or ``"ct"``.
+        out: output folder (created; earlier synthetic files of this kind are replaced).
+        n: number of cases (default 400 for fundus/skin, 60 for ct).
+        seed: same seed, same bytes.
+        progress: optional ``progress(done, total)`` callback.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    n = DEFAULT_N[kind] if n is None else int(n)
+    out = Path(out)
+    groups, splits = _assign(kind, n, seed)
+    for sub in ("images", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (out / sub).glob(f"{kind}_*"):
+            stale.unlink()
+    attribute = ATTRIBUTE[kind]
+    rows = []
+    for i, (group, split) in enumerate(zip(groups, splits, strict=True)):
+        case_id = f"{kind}_{i:04d}"
+        rng = np.random.default_rng([seed, _KIND_CODE[kind], i + 1])
+        image_rel, label_rel = _write_case(kind, rng, group, out, case_id)
+        rows.append({"image": image_rel, "label": label_rel, "split": split, "id": case_id,
+                     attribute: group})
+        if progress is not None:
+            progress(i + 1, n)
+    info = {
+        "kind": kind, "n": n, "seed": seed, "attribute": attribute, "classes": CLASSES[kind],
+        "groups": {g: groups.count(g) for g in GROUPS[kind]},
+        "policies": {g: cut for g, (_, _, cut) in GROUPS[kind].items()},
+        "preprocessing": SUGGESTED[kind],
+    }
+    (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return write_manifest(out / "manifest.csv", rows, attributes=[attribute])

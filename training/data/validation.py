@@ -1,0 +1,166 @@
+"""Check a dataset before training starts, and say precisely what is wrong.
+
+``validate_cases`` raises one ``DataError`` per kind of problem, naming the cases and
+files involved and what to do. Images are checked from their headers (PIL size,
+tifffile series, npy mmap, npz member header, NIfTI header); masks have to be decoded
+because their values are checked too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from training.data.cases import SPLITS, Case, attribute_names
+from training.data.errors import DataError, _first
+from training.data.io import image_info, read_label
+
+
+def _check_splits(cases: list[Case], splits: tuple[str, ...] | list[str]) -> Counter:
+    counts = Counter(c.split for c in cases)
+    bad = sorted({str(s) for s in counts if s is not None and s not in SPLITS})
+    if bad:
+        raise DataError(f"unknown split value(s) {', '.join(bad)}; use train, val or test.")
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"splits must be among {SPLITS}, got {split!r}")
+        if counts[split] == 0:
+            have = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=str)) or "none"
+            raise DataError(f"split {split!r} is empty (cases per split: {have}); give some "
+                            f"cases split {split!r} in the manifest, or leave the split "
+                            "column empty so a seeded split is assigned.")
+    return counts
+
+
+def _check_present(cases: list[Case], attribute: str | None, require_labels: bool) -> None:
+    ids = Counter(c.id for c in cases)
+    dupes = [f"{i} ({n} times)" for i, n in ids.items() if n > 1]
+    if dupes:
+        raise DataError(f"{len(dupes)} case id(s) are used more than once; ids name the "
+                        f"prediction files, make them unique:\n{_first(dupes)}")
+    if attribute is not None:
+        names = attribute_names(cases)
+        if attribute not in names:
+            raise DataError(f"attribute column {attribute!r} does not exist; available "
+                            f"columns: {', '.join(names) or '(none)'}. Pick one of these with "
+                            "--attribute, or add the column to the manifest.")
+    if require_labels:
+        unlabelled = [c.id for c in cases if c.label is None]
+        if unlabelled:
+            raise DataError(f"{len(unlabelled)} case(s) have no label (mask) file; training and "
+                            f"evaluation need one per case (manifest column `label`):\n"
+                            f"{_first(unlabelled)}")
+
+
+def _check_files_exist(cases: list[Case], require_labels: bool) -> None:
+    missing = []
+    for case in cases:
+        paths = [("image", case.image)]
+        if case.label is not None and case.label != case.image:
+            paths.append(("label", case.label))
+        missing += [f"case {case.id}: {kind} {path}" for kind, path in paths
+                    if not path.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} file(s) are missing; check the paths (manifest paths "
+                        f"are relative to the manifest's folder):\n{_first(missing)}")
+
+
+def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int | None = None,
+                   spatial_dims: int | None = None, require_labels: bool = True,
+                   check_files: bool = True, splits: tuple[str, ...] | list[str] = ()
+                   ) -> dict[str, Any]:
+    """Raise ``DataError`` if the cases cannot be trained or evaluated on.
+
+    Checks, in order: requested ``splits`` are non-empty and split values valid; case ids
+    unique; the ``attribute`` column exists (None skips this); every case has a label
+    (when ``require_labels``); files exist; with ``check_files``: image spatial dims match
+    ``spatial_dims``, all images have the same channel count, mask shape equals the
+    image's spatial shape, mask values are integers in ``0..num_classes-1``.
+
+    Args:
+        cases: cases to check (e.g. from ``load_cases`` + ``assign_splits``).
+        attribute: routing attribute column, or None.
+        num_classes: number of classes including background; None skips the upper bound.
+        spatial_dims: 2 or 3; None accepts either (but not a mixture).
+        require_labels: every case must have a mask.
+        check_files: read headers and masks (False: only the manifest-level checks).
+        splits: splits that must hold at least one case, e.g. ``("train", "val")``.
+
+    Returns:
+        Summary ``{"n_cases", "splits": {split: n}, "in_channels", "spatial_dims",
+        "max_label"}`` (the last three None when ``check_files`` is False).
+    """
+    if not cases:
+        raise DataError("no cases found; check the dataset path and format.")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background + classes), got {num_classes}")
+    counts = _check_splits(cases, splits)
+    _check_present(cases, attribute, require_labels)
+    summary: dict[str, Any] = {
+        "n_cases": len(cases), "splits": {s: counts[s] for s in SPLITS if counts[s]},
+        "in_channels": None, "spatial_dims": None, "max_label": None,
+    }
+    if not check_files:
+        return summary
+    _check_files_exist(cases, require_labels)
+    problems: dict[str, list[str]] = {"unreadable": [], "dims": [], "shape": [],
+                                      "values": [], "range": []}
+    channels: dict[int, list[str]] = {}
+    dims_seen: set[int] = set()
+    max_label = 0
+    for case in cases:
+        try:
+            info = image_info(case.image, case.image_key, spatial_dims=spatial_dims)
+        except DataError as err:
+            problems["unreadable"].append(f"case {case.id}: {err}")
+            continue
+        ndim = len(info["spatial_shape"])
+        dims_seen.add(ndim)
+        channels.setdefault(info["channels"], []).append(case.id)
+        if spatial_dims is not None and ndim != spatial_dims:
+            problems["dims"].append(f"case {case.id}: image {case.image.name} has {ndim} "
+                                    f"spatial dims {info['spatial_shape']}")
+        if case.label is None:
+            continue
+        try:
+            label = read_label(case.label, case.label_key)
+        except DataError as err:
+            problems["values"].append(f"case {case.id}: {err}")
+            continue
+        if tuple(label.shape) != tuple(info["spatial_shape"]):
+            problems["shape"].append(f"case {case.id}: image {tuple(info['spatial_shape'])} vs "
+                                     f"mask {tuple(label.shape)}")
+            continue
+        if label.size:
+            low, high = int(label.min()), int(label.max())
+            max_label = max(max_label, high)
+            if low < 0 or (num_classes is not None and high > num_classes - 1):
+                problems["range"].append(f"case {case.id}: mask values {low}..{high}")
+    _raise_problems(problems, num_classes, spatial_dims)
+    if len(dims_seen) > 1:
+        raise DataError("the dataset mixes 2D and 3D images; keep one kind per dataset.")
+    if len(channels) > 1:
+        examples = [f"{n} channel(s): e.g. case {ids[0]} ({len(ids)} cases)"
+                    for n, ids in sorted(channels.items())]
+        raise DataError("images have different channel counts; convert them all to grayscale "
+                        f"or all to RGB:\n{_first(examples)}")
+    summary.update(in_channels=next(iter(channels)), spatial_dims=dims_seen.pop(),
+                   max_label=max_label)
+    return summary
+
+
+def _raise_problems(problems: dict[str, list[str]], num_classes: int | None,
+                    spatial_dims: int | None) -> None:
+    classes = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
+    advice = {
+        "unreadable": "image(s) cannot be read; re-export them in a supported format",
+        "dims": f"image(s) are not {spatial_dims}D; check --spatial-dims",
+        "shape": ("mask(s) have a different spatial shape than their image; resample each "
+                  "mask onto its image's grid (nearest neighbour)"),
+        "values": "mask(s) cannot be used as class indices",
+        "range": (f"mask(s) hold values outside {classes} (after remapping); fix the masks "
+                  "or pass the right --classes"),
+    }
+    for kind, lines in problems.items():
+        if lines:
+            raise DataError(f"{len(lines)} {advice[kind]}:\n{_first(lines)}")
