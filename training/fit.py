@@ -63,6 +63,7 @@ class FitConfig:
     moe_importance_weight: float = 0.0
     moe_load_weight: float = 0.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -217,6 +218,8 @@ def fit(config: FitConfig) -> FitResult:
         "attribute": {"name": attribute, "vocabulary": vocabulary,
                       "unknown_router": config.moe == "dmoe"},
         "preprocessing": pre.to_dict(),
+        "description": config.description or f"{config.arch}/{config.preset} {config.moe} "
+                                              f"trained on {Path(config.data).name}",
     }
     provenance = {"data": str(config.data), "data_format": fmt,
                   "data_manifest_hash": _manifest_hash(cases),
@@ -370,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument("--workers", type=int, default=0)
     g.add_argument("--out", default="runs/fit")
+    g.add_argument("--description", help="one line stored in the checkpoint (shown by the plugin)")
     g.add_argument("--quiet", action="store_true")
     return p
 
