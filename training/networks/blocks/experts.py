@@ -43,31 +43,38 @@ def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
 
 
+def _unsort_sum(rows: torch.Tensor, inverse: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Expert-sorted rows ``(T*k, C)`` → per-token sums ``(T, C)`` (a gather, not a scatter)."""
+    k = inverse.shape[0] // tokens
+    unsorted = rows.index_select(0, inverse)
+    return unsorted if k == 1 else unsorted.view(tokens, k, -1).sum(1)
+
+
 class _SparseExperts(torch.autograd.Function):
     """``out[t] = sum_{rows r of t} gate[r] * MLP_{e(r)}(x[t])`` for expert-sorted rows."""
 
     @staticmethod
-    def forward(ctx, x, rows_token, rows_gate, w1, b1, w2, b2, counts, chunk_rows, p, seed):
-        out = torch.zeros_like(x)
+    def forward(ctx, x, rows_token, rows_gate, inverse, w1, b1, w2, b2, counts, chunk_rows, p,
+                seed):
+        y_rows = x.new_empty(rows_token.shape[0], x.shape[1])
         for i, (e, lo, hi) in enumerate(_chunks(counts, chunk_rows)):
-            tok = rows_token[lo:hi]
-            h = torch.addmm(b1[e], x.index_select(0, tok), w1[e]).relu_()
+            h = torch.addmm(b1[e], x.index_select(0, rows_token[lo:hi]), w1[e]).relu_()
             if p > 0:
                 h.mul_(_dropout_mask(h.shape, p, seed + i, x.device).to(h.dtype))
-            y = torch.addmm(b2[e], h, w2[e])
-            out.index_add_(0, tok, y.mul_(rows_gate[lo:hi, None]))
-        ctx.save_for_backward(x, rows_token, rows_gate, w1, b1, w2, b2)
+            y = torch.addmm(b2[e], h, w2[e], out=y_rows[lo:hi])
+            y.mul_(rows_gate[lo:hi, None])
+        ctx.save_for_backward(x, rows_token, rows_gate, inverse, w1, b1, w2, b2)
         ctx.config = (counts, chunk_rows, p, seed)
-        return out
+        return _unsort_sum(y_rows, inverse, x.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, rows_token, rows_gate, w1, b1, w2, b2 = ctx.saved_tensors
+        x, rows_token, rows_gate, inverse, w1, b1, w2, b2 = ctx.saved_tensors
         counts, chunk_rows, p, seed = ctx.config
-        need_x, _, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
+        need_x, _, need_gate, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:8]
         grad_out = grad_out.contiguous()
-        dx = torch.zeros_like(x) if need_x else None
+        dx_rows = x.new_empty(rows_token.shape[0], x.shape[1]) if need_x else None
         dgate = torch.empty_like(rows_gate) if need_gate else None
         dw1, db1 = torch.zeros_like(w1), torch.zeros_like(b1)
         dw2, db2 = torch.zeros_like(w2), torch.zeros_like(b2)
@@ -93,9 +100,10 @@ class _SparseExperts(torch.autograd.Function):
             dw1[e].addmm_(xs.T, dh)
             db1[e] += dh.sum(0)
             if need_x:
-                dx.index_add_(0, tok, dh @ w1[e].T)
+                torch.mm(dh, w1[e].T, out=dx_rows[lo:hi])
+        dx = _unsort_sum(dx_rows, inverse, x.shape[0]) if need_x else None
         return (
-            dx, None, dgate,
+            dx, None, dgate, None,
             dw1 if need_w1 else None, db1 if need_b1 else None,
             dw2 if need_w2 else None, db2 if need_b2 else None,
             None, None, None, None,
@@ -170,6 +178,8 @@ class ExpertBank(nn.Module):
         T, k = indices.shape
         flat_expert = indices.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         rows_token = torch.div(order, k, rounding_mode="floor")
         rows_gate = gates.reshape(-1)[order]
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
@@ -182,7 +192,7 @@ class ExpertBank(nn.Module):
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         with torch.autocast(x.device.type, enabled=False):
             out = _SparseExperts.apply(
-                x.to(dtype).contiguous(), rows_token, rows_gate.to(dtype), *weights,
+                x.to(dtype).contiguous(), rows_token, rows_gate.to(dtype), inverse, *weights,
                 counts, chunk_rows, p, seed,
             )  # fmt: skip
         return out.to(x.dtype)
