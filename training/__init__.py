@@ -1,5 +1,20 @@
 """napari-dmoe's training package: dMoE networks, data, losses, fairness metrics and CLIs.
 
+Public API (import from the submodules; nothing heavy is imported here):
+
+- ``training.networks``: ``DMoE`` (the layer), ``create_model`` / ``list_models`` (TransUNet,
+  ResUNet), ``SegmentationOutput``, ``LayerRouting``, ``UNKNOWN_ATTRIBUTE``.
+- ``training.data``: ``load_cases``, ``validate_cases``, ``assign_splits``, ``read_image``,
+  ``write_label``, ``Preprocessing``, ``SegmentationDataset``, ``make_synthetic_dataset``.
+- ``training.losses``: ``build_loss`` (``dicece``, ``febs``, ``groupdro``).
+- ``training.metrics``: ``case_scores``, ``equity_scaled``, ``fairness_summary``,
+  ``RunningFairness``; ``training.report``: metrics.json / report.md / violin / compare.
+- ``training.checkpoint``: ``save_checkpoint``, ``load_checkpoint`` (safetensors, no pickle).
+- ``training.inference``: ``Segmenter`` (the one inference entry point), ``RoutingMap``,
+  ``expert_usage``, ``Cancelled``, ``available_devices``.
+- CLIs (``python -m training.<name>``): ``fit``, ``evaluate``, ``predict``, ``profile``,
+  ``synth``.
+
 Nothing here imports napari or Qt; the plugin (``napari_dmoe``) is a thin UI over this API.
 """
 
