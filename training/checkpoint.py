@@ -135,21 +135,23 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
         raise FileNotFoundError(f"no checkpoint at {path}")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
+        looks_safetensors = 0 < n <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{"
+        if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise ValueError(
                 f"{path} is a pickle-based PyTorch file (torch.save). napari-dmoe never "
                 "unpickles files, since that can run arbitrary code; save the model with "
                 "training.checkpoint.save_checkpoint (a .safetensors file)."
             )
-        if len(head) < 8:
+        if len(head) < 9:
             raise ValueError(f"{path} is not a safetensors file: only {size} bytes long")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
+        if not looks_safetensors:
             raise ValueError(
                 f"{path} is not a valid safetensors file (header length {n} does not fit in "
-                f"{size} bytes): truncated or another format"
+                f"{size} bytes, or no JSON header): truncated or another format"
             )
+        f.seek(8)
         try:
             index = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

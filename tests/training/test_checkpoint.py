@@ -138,3 +138,16 @@ def test_missing_file_and_plain_module(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors")
     with pytest.raises(ValueError, match="create_model"):
         save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_header_length_starting_with_pickle_byte_is_still_a_checkpoint(tmp_path):
+    """A header length whose low byte is 0x80 (pickle's magic) must not look like a pickle."""
+    model = _model()
+    for pad in range(300):  # vary the metadata length until the header length is 0x..80
+        path = save_checkpoint(model, tmp_path / "m.safetensors", **META, note="x" * pad)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("could not produce a header length ending in 0x80")
+    loaded, meta = load_checkpoint(path)
+    assert meta["note"].startswith("x")
