@@ -1,0 +1,240 @@
+"""Readers: NIfTI (``.nii``/``.nii.gz``), TIFF (2D, RGB, 3D) and Harvard-FairSeg ``.npz``.
+
+Axis and geometry convention (shared by the reader, the writer and the widget):
+
+- napari shows the last two axes as rows and columns, so a NIfTI array stored as
+  ``(X, Y, Z)`` (nibabel's voxel order i, j, k, never reoriented) becomes the layer
+  ``(Z, Y, X)``: the NIfTI axes reversed. 2D NIfTI ``(X, Y)`` or ``(X, Y, 1)`` becomes
+  ``(Y, X)``.
+- ``scale`` is the voxel spacing reversed (header zooms) and ``translate`` the affine's
+  origin (``affine[:3, 3]``) reversed; ``units`` come from the header (mm by default).
+  Flips and rotations in the affine are *not* applied on screen (the volume is shown in
+  voxel order, like a "voxel view"); they are kept, exactly, in the layer metadata::
+
+      metadata["napari_dmoe"] = {"axes": "zyx", "affine": (4, 4) array,
+                                 "nifti_header": bytes, "nifti_shape": (X, Y[, Z]),
+                                 "source": path}
+
+  so the writer transposes back with ``(2, 1, 0)`` and writes the source affine and header,
+  and the widget hands the model its training order ``(X, Y, Z)``.
+- TIFF stacks are already ``(Z, Y, X)`` (tifffile's order); ImageJ ``spacing`` and the
+  X/Y resolution tags become ``scale``. 3D TIFFs also carry ``axes = "zyx"``.
+- FairSeg ``.npz``: the fundus image, a Labels layer "<case> ground truth" (0/1/2 =
+  background/rim/cup, remapped from 0/-1/-2) and the patient's attributes, mapped to names
+  (shared/DATA_FORMATS.md §2; unknown codes -> ``"unknown"``), in
+  ``metadata["napari_dmoe"]["attributes"]``.
+
+Integer files whose name says ``label``, ``seg``, ``mask`` or ``gt`` (or a NIfTI with the
+label intent, or a TIFF written by this plugin) open as Labels layers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LayerData = tuple[Any, dict[str, Any], str]
+META = "napari_dmoe"
+FAIRSEG_IMAGE_KEYS = ("slo_fundus", "fundus_slo")
+FAIRSEG_LABEL_KEYS = ("disc_cup_mask", "disc_cup")
+FAIRSEG_CLASSES = ["background", "rim", "cup"]
+TIFF_LABEL_TAG = "napari_dmoe:labels"
+_LABEL_NAME = re.compile(r"(^|[^a-z])(label|labels|seg|segmentation|mask|gt)([^a-z]|$)")
+_NIFTI_UNITS = {"mm": "mm", "meter": "m", "micron": "um"}
+_TIFF_UNITS = {"micron": "um", "\\u00B5m": "um", "µm": "um", "um": "um", "mm": "mm",
+               "nm": "nm", "cm": "cm", "m": "m"}
+
+
+def file_suffix(path: str | Path) -> str:
+    """Lower-case suffix, ``.nii.gz`` counted as one."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def file_stem(path: str | Path) -> str:
+    """File name without its suffix (``case.nii.gz`` -> ``case``)."""
+    name = Path(path).name
+    return name[: len(name) - len(file_suffix(path))]
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """npe2 reader hook: a reader function for our formats, else None."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or any(_reader_for(p) is None for p in paths):
+        return None
+    return read_paths
+
+
+def read_paths(path: str | list[str]) -> list[LayerData]:
+    """Read one or several files into layer data tuples."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    out: list[LayerData] = []
+    for p in paths:
+        reader = _reader_for(p)
+        if reader is None:
+            raise ValueError(f"{p}: napari-dmoe reads .nii, .nii.gz, .tif, .tiff and "
+                             "Harvard-FairSeg .npz files")
+        out += reader(p)
+    return out
+
+
+def _reader_for(path: str | Path) -> Callable[[str | Path], list[LayerData]] | None:
+    suffix = file_suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        return read_nifti
+    if suffix in (".tif", ".tiff"):
+        return read_tiff
+    if suffix == ".npz" and _is_fairseg(path):
+        return read_fairseg
+    return None
+
+
+def _looks_like_labels(path: str | Path, dtype: np.dtype) -> bool:
+    return np.dtype(dtype).kind in "iub" and bool(_LABEL_NAME.search(file_stem(path).lower()))
+
+
+# -- NIfTI --------------------------------------------------------------------------------
+def read_nifti(path: str | Path) -> list[LayerData]:
+    """One Image or Labels layer from a NIfTI file (convention: module docstring)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C): drop the time axis
+        data = data.reshape(data.shape[:3] + data.shape[4:])
+    nifti_shape = tuple(int(s) for s in data.shape)
+    spatial = min(data.ndim, 3)
+    if spatial == 3 and data.ndim == 3 and data.shape[2] == 1:
+        data, spatial = data[:, :, 0], 2  # a 2D image stored as (X, Y, 1)
+    # header values are float32: round away the float32 noise (0.8999999761581421 -> 0.9)
+    zooms = [_tidy(z) for z in img.header.get_zooms()[:spatial]]
+    origin = [_tidy(v) for v in np.asarray(img.affine)[:spatial, 3]]
+    extra = data.ndim - spatial
+    # spatial axes reversed; any extra (channel/time) axes go first
+    order = tuple(range(spatial, data.ndim)) + tuple(reversed(range(spatial)))
+    layer = np.ascontiguousarray(np.transpose(data, order))
+    unit = _NIFTI_UNITS.get(img.header.get_xyzt_units()[0], "mm")
+    intent = img.header.get_intent()[0]
+    is_labels = intent == "label" or _looks_like_labels(path, data.dtype)
+    meta = {
+        "axes": "zyx"[3 - spatial:],
+        "affine": np.asarray(img.affine, dtype=np.float64),
+        "nifti_header": bytes(img.header.binaryblock),
+        "nifti_shape": nifti_shape,
+        "source": str(path),
+    }
+    kwargs = {
+        "name": file_stem(path),
+        "scale": [1.0] * extra + zooms[::-1],
+        "translate": [0.0] * extra + origin[::-1],
+        "units": ["pixel"] * extra + [unit] * spatial,
+        "metadata": {META: meta},
+    }
+    if is_labels:
+        return [(layer.astype(_label_dtype(layer), copy=False), kwargs, "labels")]
+    return [(layer, kwargs, "image")]
+
+
+def _tidy(x: float) -> float:
+    return float(f"{float(x):.7g}")
+
+
+def _label_dtype(data: np.ndarray) -> np.dtype:
+    if data.dtype.kind in "iu":
+        return data.dtype
+    return np.dtype(np.int32)
+
+
+# -- TIFF ---------------------------------------------------------------------------------
+def read_tiff(path: str | Path) -> list[LayerData]:
+    """One Image (grayscale 2D, RGB(A) 2D or a 3D stack) or Labels layer from a TIFF."""
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        series = tf.series[0]
+        data, axes = series.asarray(), series.axes.upper()
+        ij = tf.imagej_metadata or {}
+        page = tf.pages[0]
+        xres = _resolution(page, "XResolution")
+        yres = _resolution(page, "YResolution")
+    rgb = axes.endswith("S") and data.shape[-1] in (3, 4)
+    spatial = data.ndim - (1 if rgb else 0)
+    unit = _TIFF_UNITS.get(str(ij.get("unit", "")).strip(), "pixel")
+    scale = [1.0] * spatial
+    scale[-1], scale[-2] = xres, yres
+    if spatial >= 3 and "spacing" in ij:
+        scale[-3] = float(ij["spacing"])
+    tagged = ij.get("Info") == TIFF_LABEL_TAG
+    is_labels = not rgb and (tagged or _looks_like_labels(path, data.dtype))
+    meta: dict[str, Any] = {"source": str(path), "tiff_axes": axes}
+    if spatial == 3:
+        meta["axes"] = "zyx"
+    kwargs: dict[str, Any] = {"name": file_stem(path), "scale": scale, "metadata": {META: meta}}
+    if unit != "pixel":
+        kwargs["units"] = [unit] * spatial
+    if is_labels:
+        return [(data.astype(_label_dtype(data), copy=False), kwargs, "labels")]
+    kwargs["rgb"] = bool(rgb)
+    return [(data, kwargs, "image")]
+
+
+def _resolution(page: Any, tag: str) -> float:
+    """Pixel size from a TIFF resolution tag (pixels per unit); 1.0 when absent."""
+    item = page.tags.get(tag)
+    if item is None:
+        return 1.0
+    value = item.value
+    num, den = (value if isinstance(value, tuple) else (value, 1))
+    return float(den) / float(num) if num else 1.0
+
+
+# -- Harvard-FairSeg ----------------------------------------------------------------------
+def _is_fairseg(path: str | Path) -> bool:
+    try:
+        with np.load(str(path), allow_pickle=False) as npz:
+            return any(k in npz.files for k in FAIRSEG_IMAGE_KEYS)
+    except (OSError, ValueError):
+        return False
+
+
+def read_fairseg(path: str | Path) -> list[LayerData]:
+    """Image, ground truth (if present) and attributes of one FairSeg ``.npz`` case."""
+    from ._compat import prepare_torch
+
+    prepare_torch()
+    from training.data.fairseg import fairseg_attributes
+
+    name = file_stem(path)
+    with np.load(str(path), allow_pickle=False) as npz:
+        image_key = next(k for k in FAIRSEG_IMAGE_KEYS if k in npz.files)
+        image = np.asarray(npz[image_key])
+        label_key = next((k for k in FAIRSEG_LABEL_KEYS if k in npz.files), None)
+        mask = None if label_key is None else np.asarray(npz[label_key])
+        attributes = {k: (v or "unknown") for k, v in fairseg_attributes(npz).items()}
+    info = {"source": str(path), "attributes": attributes, "kind": "fundus"}
+    layers: list[LayerData] = [
+        (image, {"name": name, "rgb": image.ndim == 3 and image.shape[-1] in (3, 4),
+                 "metadata": {META: dict(info)}}, "image")
+    ]
+    if mask is not None:
+        labels = np.abs(np.rint(mask)).astype(np.uint8)  # 0 / -1 / -2 -> 0 / 1 / 2
+        layers.append(ground_truth_layer(labels, name, FAIRSEG_CLASSES, info))
+    return layers
+
+
+def ground_truth_layer(labels: np.ndarray, image_name: str, class_names: list[str],
+                       info: dict[str, Any], **kwargs: Any) -> LayerData:
+    """A Labels layer "<image> ground truth" with class names as features."""
+    meta = {**info, "role": "ground_truth", "image": image_name, "class_names": class_names}
+    return (labels, {"name": f"{image_name} ground truth", "metadata": {META: meta},
+                     "features": class_features(class_names), "opacity": 0.5,
+                     **kwargs}, "labels")
+
+
+def class_features(class_names: list[str]) -> dict[str, list]:
+    """Labels ``features`` so that hovering a label shows its class name."""
+    return {"index": list(range(len(class_names))), "class": list(class_names)}

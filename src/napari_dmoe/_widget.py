@@ -1,0 +1,499 @@
+"""The "dMoE segmentation" dock widget: Qt wiring only; the work lives in ``_tasks``.
+
+Pick an image layer, a model (bundled demo checkpoints or "Open checkpoint…"), the
+patient's attribute value and a device; Run segments in a background worker with a
+progress bar and a Cancel button; "Compare attributes" segments under every attribute
+value. Results become layers aligned with the image, and tables in the results area.
+Errors are napari notifications; the viewer never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import _tables, _tasks
+from ._models import ModelEntry, available_devices, load_segmenter, model_choices, suggest_model
+from ._reader import META
+from ._settings import load_settings, remember_checkpoint, save_settings
+from ._view import add_compare_layers, add_routing_layers, add_segmentation_layer
+
+log = logging.getLogger(__name__)
+OPEN_CHECKPOINT = "Open checkpoint…"
+_ADJUST = QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+
+
+class DMoEWidget(QWidget):
+    """Segment the selected image with a dMoE checkpoint (see module docstring)."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None, *,
+                 model: str | Path | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.settings = load_settings()
+        self.segmenter: Any = None
+        self.model_entry: ModelEntry | None = None
+        self.worker: Any = None
+        self.loader: Any = None
+        self._cancel = threading.Event()
+        self._pbar: progress | None = None
+        self._job: dict[str, Any] = {}
+        self._entries: list[ModelEntry] = []
+        self._load_failed = False
+        self._loading: Path | None = None
+        self._build()
+        self._refresh_layers()
+        self._refresh_models()
+        for event in ("inserted", "removed", "moved", "changed"):
+            getattr(self.viewer.layers.events, event).connect(self._refresh_layers)
+        self.viewer.layers.events.inserted.connect(self._watch_name)
+        self.viewer.layers.selection.events.active.connect(self._follow_active)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_layers)
+        self._initial_model(model)
+
+    # -- layout ---------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.image_combo = QComboBox()
+        self.model_combo = QComboBox()
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.model_info.setStyleSheet("color: gray; font-size: 11px")
+        self.attribute_label = QLabel("Attribute")
+        self.attribute_combo = QComboBox()
+        self.device_combo = QComboBox()
+        self.device_combo.addItem(self.settings.get("device") or "auto")
+        self.routing_check = QCheckBox("Show routing heatmaps")
+        self.routing_check.setChecked(bool(self.settings.get("show_routing")))
+        self.attribute_combo.setToolTip(
+            "The patient's value of the attribute the model routes on; 'unknown' uses the "
+            "model's unknown-attribute path. Pre-selected from the image's metadata.")
+        self.device_combo.setToolTip("auto: the GPU when there is one, else the CPU")
+        self.routing_check.setToolTip(
+            "Add, for every dMoE layer, the top-1 expert per patch (labels) and its gate "
+            "weight (image), placed over the image, and a table of expert usage per class")
+        for combo in (self.image_combo, self.model_combo, self.attribute_combo,
+                      self.device_combo):
+            combo.setSizeAdjustPolicy(_ADJUST)
+            combo.setMinimumContentsLength(12)
+            combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.model_info)
+        form.addRow(self.attribute_label, self.attribute_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("", self.routing_check)
+
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.compare_button = QPushButton("Compare attributes")
+        self.compare_button.setToolTip("Segment the image under every attribute value and "
+                                       "show where the contours disagree")
+        self.cancel_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        for button in (self.run_button, self.cancel_button, self.compare_button):
+            buttons.addWidget(button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setVisible(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.results = QTextBrowser()
+        self.results.setMinimumHeight(180)
+        self.results.setOpenLinks(False)
+        self.results.setPlaceholderText(
+            "Run segments the image as the chosen attribute value; Compare attributes "
+            "segments it under every value. Dice/IoU against a ground-truth layer, areas or "
+            "volumes and expert usage appear here.")
+
+        layout = QVBoxLayout(self)
+        self.setMinimumWidth(360)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("Results"))
+        layout.addWidget(self.results, stretch=1)
+
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.attribute_combo.currentIndexChanged.connect(lambda _: self._update_fit())
+        self.device_combo.activated.connect(self._on_device_activated)
+        self.routing_check.toggled.connect(self._on_routing_toggled)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.compare_button.clicked.connect(self.compare)
+
+    # -- layers ---------------------------------------------------------------------------
+    def _follow_active(self, event: Any) -> None:
+        layer = event.value
+        if layer is not None and self.image_combo.findText(layer.name) >= 0:
+            self.image_combo.setCurrentText(layer.name)
+
+    def _watch_name(self, event: Any) -> None:
+        event.value.events.name.connect(self._refresh_layers)
+
+    def _refresh_layers(self, *_: Any) -> None:
+        current = self.image_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers
+                 if type(layer).__name__ == "Image" and not self._is_derived(layer)]
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        active = self.viewer.layers.selection.active
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        elif active is not None and active.name in names:
+            self.image_combo.setCurrentText(active.name)
+        self.image_combo.blockSignals(False)
+        if self.image_combo.currentText() != current:
+            self._on_image_changed()
+
+    @staticmethod
+    def _is_derived(layer: Any) -> bool:
+        return ((layer.metadata or {}).get(META) or {}).get("role") in ("routing", "compare")
+
+    def image_layer(self) -> Any:
+        """The selected Image layer, or None."""
+        name = self.image_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _on_image_changed(self, *_: Any) -> None:
+        layer = self.image_layer()
+        if layer is not None and self.loader is None and self.worker is None and (
+                self.segmenter is None or self.fit_problem() is not None):
+            # a sample (or a layer tagged with its kind) and a bundled model made for it
+            kind = ((layer.metadata or {}).get(META) or {}).get("kind")
+            suggestion = suggest_model(self._entries, kind)
+            if suggestion is not None and suggestion != self.model_entry:
+                self.load_model(suggestion.path)
+                return
+        self._preselect_attribute()
+        self._update_fit()
+
+    # -- models ---------------------------------------------------------------------------
+    def _refresh_models(self) -> None:
+        self._entries = model_choices(self.settings.get("recent_checkpoints"))
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for entry in self._entries:
+            self.model_combo.addItem(entry.name, str(entry.path))
+            self.model_combo.setItemData(self.model_combo.count() - 1, str(entry.path),
+                                         Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.addItem(OPEN_CHECKPOINT, None)
+        self._select_entry(self.model_entry)
+        self.model_combo.blockSignals(False)
+
+    def _select_entry(self, entry: ModelEntry | None) -> None:
+        index = self.model_combo.count() - 1
+        if entry is not None:
+            found = self.model_combo.findData(str(entry.path))
+            index = found if found >= 0 else index
+        self.model_combo.setCurrentIndex(index)
+
+    def _initial_model(self, model: str | Path | None = None) -> None:
+        layer = self.image_layer()
+        kind = ((layer.metadata or {}).get(META) or {}).get("kind") if layer else None
+        entry = ModelEntry(Path(model).stem, Path(model)) if model else None
+        entry = entry or suggest_model(self._entries, kind)
+        saved = self.settings.get("model")
+        if entry is None and saved and Path(saved).is_file():
+            entry = ModelEntry(Path(saved).stem, Path(saved))
+        if entry is None and self._entries:
+            entry = self._entries[0]
+        if entry is not None:
+            self.load_model(entry.path)
+        else:
+            self.model_info.setText("No bundled model found: open a .safetensors checkpoint.")
+            self._update_fit()
+
+    def _on_model_activated(self, index: int) -> None:
+        path = self.model_combo.itemData(index)
+        if path is None:
+            start = self.settings.get("last_dir") or str(Path.home())
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Open dMoE checkpoint", start,
+                "napari-dmoe checkpoints (*.safetensors);;All files (*)")
+            if not path:
+                self._select_entry(self.model_entry)
+                return
+        self.load_model(path)
+
+    def load_model(self, path: str | Path) -> None:
+        """Load a checkpoint in the background; the attribute list follows when done."""
+        if self.loader is not None or self.worker is not None:
+            show_info("Wait for the current job to finish before switching models.")
+            self._select_entry(self.model_entry)
+            return
+        path = Path(path)
+        device = self.device_combo.currentText() or "auto"
+        first = "" if "torch" in sys.modules else " (the first load also starts PyTorch)"
+        self._set_busy(True, f"Loading {path.name}{first}…")
+        self._load_failed = False
+        self._loading = path
+        self.loader = create_worker(
+            _load_model, path, device,
+            _connect={"returned": self._on_model_loaded, "errored": self._on_model_error,
+                      "finished": self._on_loader_finished})
+
+    def _on_model_loaded(self, out: tuple[Any, list[str], Path]) -> None:
+        segmenter, devices, path = out
+        entry = next((e for e in self._entries if e.path == path), None)
+        if entry is None:
+            remember_checkpoint(self.settings, path)
+            self._entries = model_choices(self.settings.get("recent_checkpoints"))
+            entry = next((e for e in self._entries if e.path == path),
+                         ModelEntry(path.stem, path))
+        self.segmenter, self.model_entry = segmenter, entry
+        self.settings["model"] = str(path)
+        save_settings(self.settings)
+        self._refresh_models()
+        self._set_devices(devices)
+        demo = " Demo model trained on synthetic data." if entry.bundled else ""
+        self.model_info.setText(f"{segmenter.description}.{demo}")
+        described = (segmenter.metadata.get("description") or "").strip()
+        self.model_info.setToolTip(f"{described}\n{path}" if described else str(path))
+        self._fill_attributes()
+
+    def _on_model_error(self, exc: Exception) -> None:
+        text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        path = self._loading
+        if path is not None:  # name the file once, briefly: notifications are one line
+            text = text.replace(f"{path}: ", "").replace(str(path), path.name)
+            text = f"{path.name}: {text}" if path.name not in text else text
+        if not isinstance(exc, ValueError):
+            log.error("loading the model failed", exc_info=exc)
+        self._select_entry(self.model_entry)
+        self._report_error(f"Cannot load the model: {text}")
+        self._load_failed = True
+
+    def _on_loader_finished(self) -> None:
+        self.loader = None
+        self._set_busy(False)
+        if not self._load_failed:  # keep the error message visible
+            self._update_fit()
+
+    def _set_devices(self, devices: list[str]) -> None:
+        wanted = self.device_combo.currentText() or self.settings.get("device") or "auto"
+        self.device_combo.clear()
+        self.device_combo.addItems(devices)
+        self.device_combo.setCurrentText(wanted if wanted in devices else "auto")
+
+    def _on_device_activated(self, _: int) -> None:
+        self.settings["device"] = self.device_combo.currentText()
+        save_settings(self.settings)
+        if self.model_entry is not None:
+            self.load_model(self.model_entry.path)
+
+    def _on_routing_toggled(self, checked: bool) -> None:
+        self.settings["show_routing"] = bool(checked)
+        save_settings(self.settings)
+
+    # -- attribute ------------------------------------------------------------------------
+    def _fill_attributes(self) -> None:
+        seg = self.segmenter
+        vocabulary = list(seg.vocabulary) if seg is not None else []
+        name = seg.attribute_name if seg is not None else None
+        self.attribute_label.setText(f"Attribute ({name})" if name else "Attribute")
+        self.attribute_combo.blockSignals(True)
+        self.attribute_combo.clear()
+        self.attribute_combo.addItems([*vocabulary, _tasks.UNKNOWN])
+        self.attribute_combo.blockSignals(False)
+        self._preselect_attribute()
+
+    def _preselect_attribute(self) -> None:
+        seg, layer = self.segmenter, self.image_layer()
+        if seg is None:
+            return
+        value = _tasks.preselect_value(layer.metadata if layer else None,
+                                       seg.attribute_name, seg.vocabulary)
+        self.attribute_combo.setCurrentText(value)
+
+    # -- fit check ------------------------------------------------------------------------
+    def fit_problem(self) -> str | None:
+        """Why the selected image cannot go through the selected model (None if it can)."""
+        layer, seg = self.image_layer(), self.segmenter
+        if layer is None:
+            return "Open or add an image layer first."
+        if seg is None:
+            return "Choose a model (or Open checkpoint…) first."
+        if getattr(layer, "multiscale", False):
+            return "Multiscale images are not supported; open the full-resolution image."
+        spatial = _tasks.layer_spatial_ndim(np.ndim(layer.data), layer.rgb)
+        if spatial != seg.spatial_dims:
+            what = {2: "a 2D image", 3: "a 3D volume"}.get(spatial, f"{spatial}-dimensional")
+            return (f"This model segments {seg.spatial_dims}D images, but '{layer.name}' is "
+                    f"{what} {tuple(np.shape(layer.data))}. Pick a "
+                    f"{spatial}D model" + (" or a single slice." if spatial == 3 else "."))
+        array, channel_axis = _tasks.model_input(layer.data, rgb=layer.rgb)
+        try:
+            seg.check_image(array, channel_axis=channel_axis)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _update_fit(self) -> None:
+        if self.worker is not None or self.loader is not None:
+            return
+        problem = self.fit_problem()
+        self._set_status(problem or "Ready.", "#d08770" if problem else "gray")
+
+    # -- running --------------------------------------------------------------------------
+    def run(self) -> None:
+        """Segment the selected image under the selected attribute value."""
+        self._start([self.attribute_combo.currentText() or _tasks.UNKNOWN], compare=False)
+
+    def compare(self) -> None:
+        """Segment the selected image under every attribute value (plus unknown)."""
+        if self.segmenter is None:
+            self._report_error("Choose a model (or Open checkpoint…) first.")
+            return
+        self._start([*self.segmenter.vocabulary, _tasks.UNKNOWN], compare=True)
+
+    def _start(self, values: list[str], compare: bool) -> None:
+        if self.worker is not None or self.loader is not None:
+            return
+        problem = self.fit_problem()
+        if problem:
+            self._report_error(problem)
+            return
+        layer, seg = self.image_layer(), self.segmenter
+        array, channel_axis = _tasks.model_input(layer.data, rgb=layer.rgb)
+        routing = self.routing_check.isChecked() and not compare
+        self._job = {"layer": layer, "segmenter": seg, "entry": self.model_entry,
+                     "compare": compare, "values": values}
+        self._cancel = threading.Event()
+        self._pbar = progress(total=0, desc=f"dMoE: {layer.name}")
+        self._set_busy(True, "Segmenting…" if not compare else
+                       f"Comparing {len(values)} attribute values…", running=True)
+        self.worker = create_worker(
+            _tasks.segment_steps, seg, array, values, channel_axis=channel_axis,
+            return_routing=routing, cancel=self._cancel,
+            _connect={"yielded": self._on_progress, "returned": self._on_done,
+                      "errored": self._on_error, "aborted": self._on_aborted,
+                      "finished": self._on_finished})
+
+    def cancel(self) -> None:
+        """Stop the running segmentation at its next window (within about a second)."""
+        self._cancel.set()
+        if self.worker is not None:
+            self.worker.quit()
+            self._set_status("Cancelling…", "gray")
+
+    def _on_progress(self, p: _tasks.Progress) -> None:
+        if self.worker is None:
+            return
+        total = max(p.total, 0) * p.runs
+        done = (p.run - 1) * p.total + p.done
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(done)
+        steps = f" · window {p.done}/{p.total}" if p.total > 1 else ""
+        runs = f" ({p.run}/{p.runs})" if p.runs > 1 else ""
+        self._set_status(f"Segmenting as '{p.value}'{runs}{steps}…", "gray")
+        # last: napari's progress may process pending events (even our "finished") here
+        pbar = self._pbar
+        if pbar is not None:
+            pbar.set_description(f"dMoE: {p.value}{runs}")
+            if pbar.total != total:
+                pbar.total = total
+            pbar.update(done - pbar.n)
+
+    def _on_done(self, results: dict[str, Any]) -> None:
+        job = self._job
+        try:
+            if job["compare"]:
+                html = add_compare_layers(self.viewer, job["layer"], job["entry"].name,
+                                          job["segmenter"], results)
+            else:
+                (value, result), = results.items()
+                labels_layer, html = add_segmentation_layer(
+                    self.viewer, job["layer"], job["entry"].name, job["segmenter"], result)
+                if result.routing:
+                    html += add_routing_layers(self.viewer, job["layer"], labels_layer,
+                                               job["segmenter"], result)
+                seconds = sum(r.seconds for r in results.values())
+                html = _tables.message(f"{labels_layer.name}: {seconds:.1f} s") + html
+            self.results.setHtml(_tables.page(html))
+            self._set_status("Done.", "#a3be8c")
+        except Exception as exc:  # a bug in layer building must not freeze the UI
+            log.error("showing the results failed", exc_info=exc)
+            self._report_error(f"Could not show the results: {exc}")
+
+    def _on_error(self, exc: Exception) -> None:
+        from ._compat import prepare_torch
+
+        prepare_torch()
+        from training.inference import Cancelled
+
+        if isinstance(exc, Cancelled):
+            self._on_aborted()
+            return
+        if isinstance(exc, ValueError):
+            self._report_error(str(exc))
+        else:
+            log.error("segmentation failed", exc_info=exc)
+            self._report_error(f"Segmentation failed: {type(exc).__name__}: {exc}")
+
+    def _on_aborted(self) -> None:
+        self._set_status("Cancelled: no layer was added.", "gray")
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.worker = None
+        self._set_busy(False)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _set_busy(self, busy: bool, text: str = "", running: bool = False) -> None:
+        for w in (self.run_button, self.compare_button, self.model_combo, self.device_combo):
+            w.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy and running)
+        self.progress_bar.setVisible(busy)
+        if busy:
+            self.progress_bar.setRange(0, 0)
+            self._set_status(text, "gray")
+
+    def _set_status(self, text: str, colour: str) -> None:
+        self.status.setText(text)
+        self.status.setStyleSheet(f"color: {colour}")
+
+    def _report_error(self, text: str) -> None:
+        self._set_status(text, "#bf616a")
+        show_error(text)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        self.cancel()
+        super().closeEvent(event)
+
+
+def _load_model(path: Path, device: str) -> tuple[Any, list[str], Path]:
+    """Worker body: load the checkpoint and list the devices (imports torch)."""
+    devices = available_devices()
+    return load_segmenter(path, device if device in devices else "auto"), devices, path

@@ -1,0 +1,126 @@
+"""Writers: a Labels layer to NIfTI (``.nii.gz``/``.nii``) or TIFF (``.tif``/``.tiff``).
+
+NIfTI: the layer ``(Z, Y, X)`` is transposed back to the NIfTI array order ``(X, Y, Z)``
+(see ``_reader``'s docstring). When the layer metadata holds the source image's affine
+and header (layers read by this plugin, and segmentations made by its widget), they are
+written unchanged, so spacing, orientation and origin survive exactly; otherwise the
+affine is built from the layer's ``scale`` and ``translate``. The header's intent is set
+to "label" so the file opens as a Labels layer again.
+
+TIFF: an ImageJ hyperstack (uint8 or uint16) with the X/Y pixel size as resolution tags and
+the Z spacing and unit in the ImageJ metadata, tagged so that it reopens as Labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._reader import META, TIFF_LABEL_TAG, file_suffix
+
+_UNIT_TO_NIFTI = {"mm": "mm", "millimeter": "mm", "m": "meter", "meter": "meter",
+                  "um": "micron", "micrometer": "micron", "micron": "micron"}
+_UNIT_TO_IMAGEJ = {"mm": "mm", "millimeter": "mm", "um": "micron", "micrometer": "micron",
+                   "nm": "nm", "nanometer": "nm", "cm": "cm", "centimeter": "cm"}
+
+
+def _with_suffix(path: str | Path, allowed: tuple[str, ...], default: str) -> Path:
+    path = Path(path)
+    return path if file_suffix(path) in allowed else path.with_name(path.name + default)
+
+
+def _check_labels(data: Any, path: Path) -> np.ndarray:
+    labels = np.asarray(data)
+    if labels.dtype.kind not in "iub":
+        raise ValueError(f"{path}: only integer label images can be written, got "
+                         f"{labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{path}: labels hold negative values ({labels.min()}); "
+                         "masks use 0 for background and 1..K for classes")
+    return labels
+
+
+def _unit_name(unit: Any) -> str:
+    return str(unit).strip().lower() if unit is not None else "pixel"
+
+
+def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: Labels -> ``.nii.gz`` (source affine/header when known)."""
+    import nibabel as nib
+
+    out = _with_suffix(path, (".nii", ".nii.gz"), ".nii.gz")
+    labels = _check_labels(data, out)
+    meta = (attributes.get("metadata") or {}).get(META, {})
+    array = np.transpose(labels, tuple(reversed(range(labels.ndim))))
+    high = int(labels.max()) if labels.size else 0
+    dtype = np.uint8 if high < 256 else np.int16 if high < 32768 else np.int32
+    array = np.ascontiguousarray(array, dtype=dtype)
+    affine, raw = meta.get("affine"), meta.get("nifti_header")
+    shape = meta.get("nifti_shape")
+    if shape is not None and tuple(shape) != array.shape and int(np.prod(shape)) == array.size:
+        array = array.reshape(tuple(shape))
+    header = None
+    image_class = nib.Nifti1Image
+    if affine is not None and raw is not None:
+        affine = np.asarray(affine, dtype=np.float64)
+        if len(raw) == nib.Nifti2Header.template_dtype.itemsize:
+            header, image_class = nib.Nifti2Header(binaryblock=raw), nib.Nifti2Image
+        else:
+            header = nib.Nifti1Header(binaryblock=raw)
+    else:
+        affine = _affine_from_layer(attributes, labels.ndim)
+    img = image_class(array, affine, header=header)
+    img.header.set_data_dtype(array.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, float(high)
+    img.header.set_intent("label")
+    if header is not None:
+        img.set_qform(affine, code=int(header["qform_code"]) or 1)
+        img.set_sform(affine, code=int(header["sform_code"]) or 1)
+    else:
+        units = attributes.get("units") or ()
+        nifti_unit = _UNIT_TO_NIFTI.get(_unit_name(units[-1]) if units else "", "unknown")
+        img.header.set_xyzt_units(nifti_unit, "sec")
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    nib.save(img, str(out))
+    return [str(out)]
+
+
+def _affine_from_layer(attributes: dict[str, Any], ndim: int) -> np.ndarray:
+    """NIfTI affine from the layer's (reversed) last three scale/translate entries."""
+    scale = list(attributes.get("scale") or [1.0] * ndim)[::-1][:3]
+    translate = list(attributes.get("translate") or [0.0] * ndim)[::-1][:3]
+    affine = np.eye(4)
+    for i, (s, t) in enumerate(zip(scale, translate)):
+        affine[i, i], affine[i, 3] = float(s), float(t)
+    return affine
+
+
+def write_labels_tiff(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: Labels -> ImageJ ``.tif`` (uint8/uint16, pixel sizes)."""
+    import tifffile
+
+    out = _with_suffix(path, (".tif", ".tiff"), ".tif")
+    labels = _check_labels(data, out)
+    high = int(labels.max()) if labels.size else 0
+    if high > 65535:
+        raise ValueError(f"{out}: label {high} does not fit a 16-bit TIFF; save as .nii.gz")
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"{out}: TIFF export takes 2D or 3D labels, got {labels.ndim}D; "
+                         "save as .nii.gz")
+    array = labels.astype(np.uint8 if high < 256 else np.uint16)
+    scale = [float(s) for s in (attributes.get("scale") or [1.0] * labels.ndim)]
+    units = attributes.get("units") or ()
+    metadata: dict[str, Any] = {"axes": "ZYX" if labels.ndim == 3 else "YX",
+                                "Info": TIFF_LABEL_TAG}
+    unit = _UNIT_TO_IMAGEJ.get(_unit_name(units[-1]) if units else "")
+    if unit:
+        metadata["unit"] = unit
+    if labels.ndim == 3:
+        metadata["spacing"] = scale[0]
+    tifffile.imwrite(str(out), array, imagej=True,
+                     resolution=(1.0 / scale[-1], 1.0 / scale[-2]), metadata=metadata)
+    return [str(out)]
