@@ -1,0 +1,148 @@
+"""Training throughput (samples/s) and peak memory for 1 and 2 processes on CPU.
+
+Usage::
+
+    python benchmarks/train_throughput.py [--processes 1 2] [--steps 20] [--batch-size 8]
+        [--arch transunet] [--image-size 64] [--precision fp32|bf16] [--threads T]
+
+For each process count the script launches itself under ``torch.distributed.run``
+(``--nproc_per_node=N``, gloo, a free local port). Every worker builds the same tiny
+model, wraps it in DistributedDataParallel when N > 1, and runs ``--steps`` timed
+optimisation steps (after ``--warmup`` untimed ones) with ``training.engine`` on random
+images; each worker uses ``cores // N`` threads (``--threads`` overrides) so the runs
+share the machine fairly. The global batch is ``N × --batch-size``. Printed per run:
+samples/s over all ranks, seconds per step, and peak resident memory (max RSS) per
+process and summed. On a busy machine prefer ``--threads 1``: OpenMP threads that
+compete with other processes for cores slow down far more than single-threaded ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from training.distributed import setup_distributed, sum_floats, teardown_distributed
+    from training.engine import autocast_for, train_one_epoch
+    from training.losses import build_loss
+    from training.networks import create_model
+
+    info = setup_distributed(torch.device("cpu"))
+    torch.manual_seed(0)
+    kwargs = json.loads(args.model_kwargs)
+    if args.arch == "transunet":
+        kwargs.setdefault("img_size", args.image_size)
+    model = create_model(args.arch, preset=args.preset, in_channels=1, out_channels=3,
+                         moe="dmoe", num_attributes=3, **kwargs)
+    net = model
+    if info.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    loss_fn = build_loss("dicece", num_classes=3, num_groups=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(info.rank)
+    size = (args.image_size,) * 2
+    batches = [{"image": torch.rand(args.batch_size, 1, *size, generator=g),
+                "label": torch.randint(0, 3, (args.batch_size, *size), generator=g),
+                "attr": torch.randint(0, 3, (args.batch_size,), generator=g)}
+               for _ in range(4)]
+    autocast = autocast_for(args.precision, torch.device("cpu"))
+
+    def run(steps: int) -> float:
+        loader = [batches[i % len(batches)] for i in range(steps)]
+        return train_one_epoch(net, loader, loss_fn, opt, torch.device("cpu"),
+                               autocast=autocast).seconds
+
+    run(args.warmup)
+    seconds = run(args.steps)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    samples, _ = sum_floats(args.steps * args.batch_size, 0.0)
+    slowest = max(_gather(seconds))
+    rss = _gather(rss_mb)
+    if info.is_main:
+        print("RESULT " + json.dumps({
+            "processes": info.world_size, "threads": torch.get_num_threads(),
+            "samples_per_s": samples / slowest, "s_per_step": slowest / args.steps,
+            "peak_rss_mb_per_process": rss, "peak_rss_mb_total": sum(rss),
+        }), flush=True)
+    teardown_distributed()
+
+
+def _gather(value: float) -> list[float]:
+    from training.distributed import all_gather_objects
+
+    return [float(v) for v in all_gather_objects(value)]
+
+
+def _launch(n: int, args: argparse.Namespace, argv: list[str]) -> dict:
+    threads = args.threads or max((os.cpu_count() or 1) // n, 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           os.path.abspath(__file__), "--worker", *argv]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{n}-process run failed:\n{proc.stderr[-3000:]}")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_s"] = time.perf_counter() - start
+            return result
+    raise SystemExit(f"{n}-process run printed no result:\n{proc.stdout[-2000:]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--arch", default="transunet", choices=["transunet", "resunet"])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--model-kwargs", default='{"embed_dim": 64, "depth": 2, "num_heads": 2}')
+    p.add_argument("--threads", type=int, help="torch threads per process (default: cores // N)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return []
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    passthrough = [a for a in argv if a not in ("--worker",)]
+    results = []
+    print(f"{args.arch}/{args.preset} {args.image_size}px, batch {args.batch_size}/process, "
+          f"{args.steps} steps, {args.precision}, {os.cpu_count()} cores")
+    print(f"{'procs':>5} {'threads':>7} {'samples/s':>10} {'s/step':>8} "
+          f"{'peak RSS/proc MB':>17} {'total MB':>9}")
+    for n in args.processes:
+        r = _launch(n, args, passthrough)
+        results.append(r)
+        per = "/".join(f"{v:.0f}" for v in r["peak_rss_mb_per_process"])
+        print(f"{r['processes']:>5} {r['threads']:>7} {r['samples_per_s']:>10.1f} "
+              f"{r['s_per_step']:>8.3f} {per:>17} {r['peak_rss_mb_total']:>9.0f}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

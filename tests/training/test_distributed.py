@@ -1,0 +1,177 @@
+"""Multi-process training: torchrun + gloo on CPU, sharded validation, rank-0-only files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from training.checkpoint import load_checkpoint
+from training.data import make_synthetic_dataset
+from training.distributed import (
+    all_gather_objects,
+    any_flag,
+    gather_in_order,
+    launched_by_torchrun,
+    setup_distributed,
+    shard,
+    unwrap,
+)
+from training.train_state import load_train_state
+
+FAST = ["--attribute", "race", "--classes", "background,rim,cup", "--image-size", "32",
+        "--batch-size", "4", "--lr", "3e-3", "--seed", "1",
+        "--model-kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 2}']
+
+
+def _torchrun(args: list[str], nproc: int = 2, module: str | None = "training.fit",
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc)]
+    cmd += ["-m", module, *args] if module else args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def fundus(tmp_path_factory):
+    return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ddp_one_epoch(fundus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp1")
+    proc = _torchrun(["--data", str(fundus), "--epochs", "1", "--out", str(out), *FAST])
+    return out, proc
+
+
+# -- helpers in one process ------------------------------------------------------------------
+def test_single_process_helpers_are_identities():
+    import torch
+
+    assert not launched_by_torchrun({})
+    info = setup_distributed(torch.device("cpu"), env={})
+    assert (info.rank, info.world_size, info.distributed, info.is_main) == (0, 1, False, True)
+    assert all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert any_flag(True, False) == (True, False)
+    assert gather_in_order(["x", "y"], 2) == ["x", "y"]
+    net = torch.nn.Linear(2, 2)
+    assert unwrap(net) is net
+
+
+def test_shard_and_gather_restore_order():
+    items = list(range(11))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert shard(items[:1], 1, 2) == []  # more ranks than items: an empty share
+    with pytest.raises(ValueError, match="rank 3 outside"):
+        shard(items, 3, 3)
+
+
+def test_inconsistent_torchrun_environment_is_refused():
+    import torch
+
+    env = {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    with pytest.raises(ValueError, match="inconsistent torchrun environment"):
+        setup_distributed(torch.device("cpu"), env=env)
+    with pytest.raises(ValueError, match="not an integer"):
+        setup_distributed(torch.device("cpu"), env={**env, "RANK": "one"})
+
+
+# -- real process groups ------------------------------------------------------------------------
+def test_gloo_collectives_in_two_processes(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import json, torch
+        from training.distributed import (any_flag, gather_in_order, setup_distributed, shard,
+                                          sum_floats, teardown_distributed)
+        info = setup_distributed(torch.device("cpu"))
+        items = [f"case{i}" for i in range(7)]
+        mine = [s.upper() for s in shard(items)]
+        result = {"rank": info.rank, "world": info.world_size, "backend": info.backend,
+                  "gathered": gather_in_order(mine, len(items)),
+                  "flags": any_flag(info.rank == 1, False), "sum": sum_floats(info.rank + 1.5)}
+        print("RESULT " + json.dumps(result), flush=True)
+        teardown_distributed()
+    """))
+    proc = _torchrun([str(script)], module=None)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        assert r["world"] == 2 and r["backend"] == "gloo"
+        assert r["gathered"] == [f"CASE{i}" for i in range(7)]
+        assert r["flags"] == [True, False] and r["sum"] == [4.0]
+
+
+def test_two_process_fit_writes_loadable_checkpoint_once(ddp_one_epoch):
+    out, proc = ddp_one_epoch
+    for name in ("best.safetensors", "last.safetensors", "last.state.safetensors",
+                 "config.yaml", "history.csv"):
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    model, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["provenance"]["epochs"] == 1
+    assert not any(k.startswith("module.") for k in model.state_dict())
+    # rank 0 alone logs: one summary line per epoch, not one per process
+    assert proc.stdout.count("epoch 1: loss") == 1
+    assert "processes: 2 (gloo)" in proc.stdout
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+    state = load_train_state(out / "last.state.safetensors")
+    assert state.world_size == 2 and len(state.rng["ranks"]) == 2
+    assert state.epoch == 1
+
+
+def test_gathered_validation_equals_one_process_evaluation(ddp_one_epoch, fundus):
+    from training.data import read_case
+    from training.engine import evaluate_cases
+    from training.fit import FitConfig, prepare_data
+    from training.inference import Segmenter
+
+    out, _ = ddp_one_epoch
+    _, meta = load_checkpoint(out / "best.safetensors")
+    gathered = meta["provenance"]["validation"]
+    config = FitConfig(data=str(fundus), attribute="race", classes=["background", "rim", "cup"],
+                       image_size=32, seed=1)
+    _, cases, *_ = prepare_data(config)
+    val = []
+    for c in cases:
+        if c.split == "val":
+            image, label, _ = read_case(c, spatial_dims=2)
+            val.append((c.id, image, label, c.attributes.get("race", "")))
+    single = evaluate_cases(Segmenter.from_checkpoint(out / "best.safetensors", "cpu"), val,
+                            "race").summary()
+    assert sum(g["n"] for g in gathered["mean"]["groups"].values()) == len(val) > 2
+    for key in ("dice", "es_dice", "iou", "es_iou"):
+        assert gathered["mean"][key] == pytest.approx(single["mean"][key], abs=1e-9)
+        for name in ("rim", "cup"):
+            assert gathered["classes"][name][key] == pytest.approx(
+                single["classes"][name][key], abs=1e-9)
+    assert list(gathered["mean"]["groups"]) == list(single["mean"]["groups"])
+    for group, stats in single["mean"]["groups"].items():
+        assert gathered["mean"]["groups"][group] == pytest.approx(stats, abs=1e-9)
+
+
+def test_two_process_resume_continues_exactly(ddp_one_epoch, fundus, tmp_path):
+    out, _ = ddp_one_epoch
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    _torchrun(["--data", str(fundus), "--epochs", "2", "--resume", "--out", str(resumed),
+               *FAST])
+    straight = tmp_path / "straight"
+    _torchrun(["--data", str(fundus), "--epochs", "2", "--out", str(straight), *FAST])
+    a = list(csv.DictReader(open(resumed / "history.csv")))
+    b = list(csv.DictReader(open(straight / "history.csv")))
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2"]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "val_dice", "val_es_dice", "lr"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), abs=1e-4), key
