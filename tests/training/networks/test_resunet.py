@@ -89,3 +89,22 @@ def test_bad_inputs_and_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             _tiny(2, **kw)
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    """Recomputing stage activations must not change the loss or any gradient."""
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = create_model("resunet", preset="tiny", spatial_dims=3, moe="dmoe",
+                             num_attributes=2, grad_checkpoint=checkpointed).train()
+        assert model.model_kwargs["grad_checkpoint"] is False  # never stored as on
+        torch.manual_seed(1)
+        x = torch.randn(2, 1, 64, 32, 32)
+        loss = model(x, torch.tensor([0, 1])).square().mean()
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()
+                                        if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

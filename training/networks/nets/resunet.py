@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..blocks.memory import run_stage
 from ..blocks.resblocks import (
     ResidualDownStage,
     ResidualUpStage,
@@ -69,8 +70,12 @@ class ResUNet(nn.Module):
         moe_dropout: dropout inside the experts.
         unknown_router, importance_weight, load_weight: passed to :class:`DMoE`.
         attribute_dropout: probability of hiding a sample's attribute while training.
+        grad_checkpoint: recompute encoder/decoder stage activations in the backward pass
+            instead of storing them (less memory for 3D paper-size patches; not stored in
+            checkpoints).
     """
 
+    transient_kwargs = {"grad_checkpoint": False}
     presets = {
         "paper": dict(channels=(48, 48, 96, 192, 384), final_channels=16),
         "small": dict(channels=(16, 32, 64, 128, 256), final_channels=16),
@@ -97,6 +102,7 @@ class ResUNet(nn.Module):
         importance_weight: float = 0.0,
         load_weight: float = 0.0,
         attribute_dropout: float = 0.1,
+        grad_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
@@ -118,6 +124,7 @@ class ResUNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.moe_mode = moe
         self.attribute_dropout = check_attribute_dropout(attribute_dropout)
+        self.grad_checkpoint = bool(grad_checkpoint)
         unit = dict(norm=norm, dropout=dropout)
 
         self.encoder = nn.ModuleList()
@@ -189,7 +196,7 @@ class ResUNet(nn.Module):
         skips = []
         feat = x
         for i, stage in enumerate(self.encoder):
-            feat = stage(feat)
+            feat = run_stage(stage, feat, checkpointed=self.grad_checkpoint and self.training)
             if self.encoder_moe:
                 feat, loss, grid_info = apply_moe_to_feature_map(
                     self.encoder_moe[i], feat, attr, return_routing
@@ -201,6 +208,7 @@ class ResUNet(nn.Module):
             skips.append(feat)
         feat = skips.pop()
         for j in reversed(range(NUM_STAGES - 1)):
-            feat = self.decoder[j](feat, skips[j])
+            feat = run_stage(self.decoder[j], feat, skips[j],
+                             checkpointed=self.grad_checkpoint and self.training)
         feat = self.final_up(feat, x)
         return _finish(self.head(feat), aux, routing, return_routing, return_aux)
