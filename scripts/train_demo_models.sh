@@ -2,9 +2,11 @@
 # Reproduces the bundled demo models in src/napari_dmoe/models/ (CPU, about 30-40 minutes).
 # They are DEMO models trained on synthetic data from `python -m training.synth`: they show
 # how the plugin works and are not for clinical use.
-# Usage: bash scripts/train_demo_models.sh [WORK_DIR]
+# Usage: bash scripts/train_demo_models.sh [WORK_DIR] [fundus] [skin] [ct]   (default: all three)
 set -euo pipefail
 work=${1:-runs/demo}
+shift || true
+wanted=${*:-fundus skin ct}
 models=src/napari_dmoe/models
 mkdir -p "$work" "$models"
 demo() {  # name kind attribute classes extra-fit-flags...
@@ -19,11 +21,16 @@ demo() {  # name kind attribute classes extra-fit-flags...
     --data "$work/data/$kind/manifest.csv" --split test --out "$work/$name/eval" | tee -a "$work/$name.log"
   cp "$work/$name/best.safetensors" "$models/$name.safetensors"
 }
-demo fundus_race_dmoe fundus race background,rim,cup \
-  --arch transunet --image-size 128 --epochs 40 --batch-size 8 --lr 1e-3
-demo skin_age_dmoe skin age_group background,lesion \
-  --arch transunet --image-size 128 --epochs 30 --batch-size 8 --lr 1e-3
-demo ct_tstage_dmoe ct t_stage background,tumour \
-  --arch resunet --spatial-dims 3 --patch-size 64 64 32 --ct-window -150 250 \
-  --epochs 60 --batch-size 2 --lr 1e-3
+for kind in $wanted; do
+  case $kind in
+    fundus) demo fundus_race_dmoe fundus race background,rim,cup \
+              --arch transunet --image-size 128 --epochs 40 --batch-size 8 --lr 1e-3 ;;
+    skin)   demo skin_age_dmoe skin age_group background,lesion \
+              --arch transunet --image-size 128 --epochs 30 --batch-size 8 --lr 1e-3 ;;
+    ct)     demo ct_tstage_dmoe ct t_stage background,tumour \
+              --arch resunet --spatial-dims 3 --patch-size 64 64 32 --ct-window -150 250 \
+              --epochs 40 --batch-size 2 --lr 1e-3 ;;
+    *) echo "unknown demo '$kind' (fundus, skin, ct)" >&2; exit 2 ;;
+  esac
+done
 ls -l "$models"
