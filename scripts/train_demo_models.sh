@@ -24,7 +24,7 @@ demo() {  # name kind attribute classes extra-fit-flags...
 for kind in $wanted; do
   case $kind in
     fundus) demo fundus_race_dmoe fundus race background,rim,cup \
-              --arch transunet --image-size 128 --epochs 40 --batch-size 8 --lr 1e-3 ;;
+              --arch transunet --image-size 192 --epochs 30 --batch-size 8 --lr 1e-3 ;;
     skin)   demo skin_age_dmoe skin age_group background,lesion \
               --arch transunet --image-size 128 --epochs 30 --batch-size 8 --lr 1e-3 ;;
     ct)     demo ct_tstage_dmoe ct t_stage background,tumour \

@@ -14,6 +14,16 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
                              "flags on the command line win")
 
 
+def add_checkpoint_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the CLIs that run a checkpoint over a dataset split."""
+    parser.add_argument("--checkpoint", help="a .safetensors checkpoint from training.fit")
+    parser.add_argument("--data", help="manifest.csv or dataset folder")
+    parser.add_argument("--format", choices=["manifest", "fairseg", "ham10000"])
+    parser.add_argument("--split", default="test", help="train, val, test or all (default test)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--out", help="output folder")
+
+
 def parse_with_config(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, required: Sequence[str] = ()
 ) -> argparse.Namespace:

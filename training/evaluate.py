@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import add_config_argument, parse_with_config
+from .cli import add_checkpoint_data_arguments, add_config_argument, parse_with_config
 
 
 @dataclass
@@ -78,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate",
                                 description=__doc__.split("\n")[0])
     add_config_argument(p)
-    p.add_argument("--checkpoint", help="a .safetensors checkpoint from training.fit")
-    p.add_argument("--data", help="manifest.csv or dataset folder")
-    p.add_argument("--format", choices=["manifest", "fairseg", "ham10000"])
-    p.add_argument("--split", default="test", help="train, val, test or all (default test)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--out", help="output folder")
+    add_checkpoint_data_arguments(p)
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="evaluation folders to put side by side (no model is run)")
     p.add_argument("--names", nargs="+", help="method names for --compare rows")

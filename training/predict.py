@@ -12,7 +12,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from .cli import add_config_argument, parse_with_config
+from .cli import add_checkpoint_data_arguments, add_config_argument, parse_with_config
 
 
 def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
@@ -56,15 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.predict",
                                 description=__doc__.split("\n")[0])
     add_config_argument(p)
-    p.add_argument("--checkpoint", help="a .safetensors checkpoint from training.fit")
-    p.add_argument("--data", help="manifest.csv or dataset folder")
-    p.add_argument("--format", choices=["manifest", "fairseg", "ham10000"])
-    p.add_argument("--split", default="test", help="train, val, test or all (default test)")
+    add_checkpoint_data_arguments(p)
     p.add_argument("--image", help="one image file instead of --data")
     p.add_argument("--attribute-value", help="with --image: the patient's attribute value "
                                              "(omit for unknown)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--out", help="output folder")
     return p
 
 
