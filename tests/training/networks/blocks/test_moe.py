@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from training.networks import UNKNOWN_ATTRIBUTE, DMoE
+from training.networks.blocks import experts
 
 from ._reference import reference_dmoe
 
@@ -18,9 +19,17 @@ def _layer(C=16, E=8, k=2, A=3, seed=0, **kw) -> DMoE:
     return layer
 
 
+@pytest.fixture(params=["keep-hidden", "recompute-hidden"])
+def hidden_mode(request, monkeypatch):
+    """Run with stored hidden activations (small inputs) and with recomputation (large)."""
+    if request.param == "recompute-hidden":
+        monkeypatch.setattr(experts, "KEEP_HIDDEN_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("unknown_router", [True, False])
 @pytest.mark.parametrize("chunk_rows", [5, 4096])
-def test_matches_reference_forward_and_gradients(unknown_router, chunk_rows):
+def test_matches_reference_forward_and_gradients(unknown_router, chunk_rows, hidden_mode):
     layer = _layer(unknown_router=unknown_router, chunk_rows=chunk_rows).double().eval()
     x = torch.randn(3, 40, 16, dtype=torch.double, requires_grad=True)
     attr = torch.tensor([0, 2, UNKNOWN_ATTRIBUTE])
@@ -128,7 +137,7 @@ def test_eval_is_deterministic_and_training_is_noisy():
     assert not torch.equal(r1, r2)  # router noise (and dropout) act only while training
 
 
-def test_dropout_mask_is_replayed_in_backward():
+def test_dropout_mask_is_replayed_in_backward(hidden_mode):
     """Training-mode gradients equal a finite-difference estimate of the same random draw."""
     layer = _layer(C=6, E=4, dropout=0.5).double().train()
     x = torch.randn(1, 10, 6, dtype=torch.double, requires_grad=True)
