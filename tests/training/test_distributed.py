@@ -90,7 +90,8 @@ def test_inconsistent_torchrun_environment_is_refused():
 def test_gloo_collectives_in_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent("""
-        import json, torch
+        import json, sys, torch
+        from pathlib import Path
         from training.distributed import (any_flag, gather_in_order, setup_distributed, shard,
                                           sum_floats, teardown_distributed)
         info = setup_distributed(torch.device("cpu"))
@@ -99,12 +100,12 @@ def test_gloo_collectives_in_two_processes(tmp_path):
         result = {"rank": info.rank, "world": info.world_size, "backend": info.backend,
                   "gathered": gather_in_order(mine, len(items)),
                   "flags": any_flag(info.rank == 1, False), "sum": sum_floats(info.rank + 1.5)}
-        print("RESULT " + json.dumps(result), flush=True)
+        # one file per rank: two ranks printing to one pipe can interleave their lines
+        Path(sys.argv[0]).with_name(f"result{info.rank}.json").write_text(json.dumps(result))
         teardown_distributed()
     """))
-    proc = _torchrun([str(script)], module=None)
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines()
-               if line.startswith("RESULT ")]
+    _torchrun([str(script)], module=None)
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         assert r["world"] == 2 and r["backend"] == "gloo"
