@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from training.data.io import file_stem, file_suffix  # light: numpy only, no torch
+
 LayerData = tuple[Any, dict[str, Any], str]
 META = "napari_dmoe"
 FAIRSEG_IMAGE_KEYS = ("slo_fundus", "fundus_slo")
@@ -47,18 +49,6 @@ _LABEL_NAME = re.compile(r"(^|[^a-z])(label|labels|seg|segmentation|mask|gt)([^a
 _NIFTI_UNITS = {"mm": "mm", "meter": "m", "micron": "um"}
 _TIFF_UNITS = {"micron": "um", "\\u00B5m": "um", "µm": "um", "um": "um", "mm": "mm",
                "nm": "nm", "cm": "cm", "m": "m"}
-
-
-def file_suffix(path: str | Path) -> str:
-    """Lower-case suffix, ``.nii.gz`` counted as one."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-def file_stem(path: str | Path) -> str:
-    """File name without its suffix (``case.nii.gz`` -> ``case``)."""
-    name = Path(path).name
-    return name[: len(name) - len(file_suffix(path))]
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:

@@ -6,59 +6,52 @@ built from a ``Preprocessing`` (stored in checkpoints; ``prepare``/``restore`` s
 inference). Formats: shared/DATA_FORMATS.md.
 """
 
-from training.data.cases import (
-    Case,
-    assign_splits,
-    attribute_names,
-    build_vocabulary,
-    detect_format,
-    encode_attribute,
-    load_cases,
-    read_case,
-)
-from training.data.dataset import SegmentationDataset, seed_worker
-from training.data.errors import DataError
-from training.data.io import (
-    file_stem,
-    image_info,
-    label_suffix_for,
-    read_image,
-    read_label,
-    write_label,
-)
-from training.data.manifest import write_manifest
-from training.data.synthetic import make_synthetic_dataset
-from training.data.transforms import (
-    Preprocessing,
-    SampleTransform,
-    eval_transform,
-    train_transform,
-)
-from training.data.validation import validate_cases
 
-__all__ = [
-    "Case",
-    "DataError",
-    "Preprocessing",
-    "SampleTransform",
-    "SegmentationDataset",
-    "assign_splits",
-    "attribute_names",
-    "build_vocabulary",
-    "detect_format",
-    "encode_attribute",
-    "eval_transform",
-    "file_stem",
-    "image_info",
-    "label_suffix_for",
-    "load_cases",
-    "make_synthetic_dataset",
-    "read_case",
-    "read_image",
-    "read_label",
-    "seed_worker",
-    "train_transform",
-    "validate_cases",
-    "write_label",
-    "write_manifest",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Exports load on first use (PEP 562), so that importing one light submodule such as
+# ``training.data.io`` (the plugin's readers) does not pull in torch and MONAI.
+_EXPORTS = {
+    "Case": "cases",
+    "assign_splits": "cases",
+    "attribute_names": "cases",
+    "build_vocabulary": "cases",
+    "detect_format": "cases",
+    "encode_attribute": "cases",
+    "load_cases": "cases",
+    "read_case": "cases",
+    "SegmentationDataset": "dataset",
+    "seed_worker": "dataset",
+    "DataError": "errors",
+    "file_stem": "io",
+    "image_info": "io",
+    "label_suffix_for": "io",
+    "read_image": "io",
+    "read_label": "io",
+    "write_label": "io",
+    "write_manifest": "manifest",
+    "make_synthetic_dataset": "synthetic",
+    "Preprocessing": "transforms",
+    "SampleTransform": "transforms",
+    "eval_transform": "transforms",
+    "train_transform": "transforms",
+    "validate_cases": "validation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
