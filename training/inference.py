@@ -28,8 +28,13 @@ MIN_SIDE = 8
 DEFAULT_OVERLAP = 0.25
 
 
-class Cancelled(RuntimeError):
-    """Raised by :meth:`Segmenter.segment` when its ``should_cancel`` callback says so."""
+class Cancelled(Exception):
+    """Raised by :meth:`Segmenter.segment` when its ``should_cancel`` callback says so.
+
+    Deliberately not a ``RuntimeError``: Qt worker wrappers (superqt's generator worker)
+    treat a RuntimeError as "the worker object was deleted" and then emit neither
+    ``finished`` nor ``errored``, which would leave a UI waiting forever.
+    """
 
 
 def available_devices() -> list[str]:
