@@ -1,0 +1,97 @@
+"""The configuration of a training run (saved as ``config.yaml``) and its result."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class FitConfig:
+    """Everything a training run depends on (saved as ``config.yaml``)."""
+
+    data: str
+    out: str = "runs/fit"
+    format: str | None = None
+    attribute: str | None = None
+    classes: list[str] | None = None
+    arch: str = "transunet"
+    spatial_dims: int = 2
+    preset: str = "tiny"
+    moe: str = "dmoe"
+    loss: str = "dicece"
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_decay: float = 0.98
+    optimizer: str = "adamw"
+    image_size: int | None = None
+    center_crop: int | None = None
+    patch_size: list[int] | None = None
+    ct_window: list[float] | None = None
+    val_every: int = 1
+    patience: int | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    attribute_dropout: float = 0.1
+    moe_importance_weight: float = 0.0
+    moe_load_weight: float = 0.0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None
+    quiet: bool = False
+    precision: str | None = None
+    compile: bool = False
+    grad_checkpoint: bool = False
+    resume: bool = False
+    resume_fallback: str = "refuse"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "val_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"--spatial-dims must be 2 or 3, got {self.spatial_dims}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.resume_fallback not in ("refuse", "best", "fresh"):
+            raise ValueError("--resume-fallback must be refuse, best or fresh, got "
+                             f"{self.resume_fallback!r}")
+        if self.moe == "dmoe" and not self.attribute:
+            raise ValueError("--moe dmoe routes on a patient attribute: give --attribute NAME "
+                             "(or train --moe moe / none)")
+
+
+@dataclass
+class FitResult:
+    """Where the run wrote its outputs and how it ended."""
+
+    out: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, Any]]
+
+
+# Settings that may change between a run and its --resume (they do not alter the model or
+# the optimisation trajectory); every other setting must match.
+RESUMABLE = frozenset({"data", "out", "epochs", "patience", "val_every", "quiet", "workers",
+                       "device", "precision", "compile", "grad_checkpoint", "description"})
+RUN_CONTROL = ("resume", "resume_fallback")
+
+
+def saved_config(config: FitConfig) -> dict[str, Any]:
+    """The configuration written to config.yaml (without run-control flags like --resume)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
