@@ -20,3 +20,12 @@ def _first(items: list[str], n: int = 5) -> str:
     if len(items) > n:
         lines.append(f"  ... and {len(items) - n} more")
     return "\n".join(lines)
+
+
+class DicomError(DataError):
+    """A DICOM series that cannot be read or written faithfully (training.data.dicom).
+
+    The message names the folder or file, the problem (no series, mixed series, uneven
+    slice spacing, gantry tilt, missing slice, undecodable pixel data, non-DICOM source)
+    and what to do next.
+    """
