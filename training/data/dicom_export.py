@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from training.data.dicom_series import IDENTITY_KEYWORDS, LPS_TO_RAS, DicomVolume, read_series
+from training.data.dicom_series import LPS_TO_RAS, DicomVolume, read_series
 from training.data.errors import DicomError
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"

@@ -17,7 +17,6 @@ gantry tilt, missing slices, uneven spacing) so the message names the problem.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -1,6 +1,8 @@
 """Read images and label masks from disk, and write predicted masks back.
 
 Formats (shared/DATA_FORMATS.md §1-4): ``.png .jpg .jpeg .tif .tiff .npy .npz .nii .nii.gz``.
+Images may also be DICOM series (a folder, or one ``.dcm`` file of the series; read by
+``training.data.dicom`` in NIfTI voxel order with a RAS affine, ``meta["suffix"] == "dicom"``).
 
 Images come back as float32 ``(C, *spatial)``: grayscale 2D ``(1, H, W)``, RGB 2D
 ``(3, H, W)`` (channel-first), 3D volumes ``(1, X, Y, Z)`` in the file's own array order
@@ -33,6 +35,8 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUPPORTED_SUFFIXES = (*PIL_SUFFIXES, *TIFF_SUFFIXES, ".npy", ".npz", *NIFTI_SUFFIXES)
+DICOM_SUFFIX = "dicom"
+"""``meta["suffix"]`` of a DICOM series (a folder, or one ``.dcm`` file of the series)."""
 
 FAIRSEG_IMAGE_KEYS = ("slo_fundus", "fundus_slo")
 """npz keys of a FairSeg image: current name first, then the old one."""
@@ -61,6 +65,8 @@ def label_suffix_for(image_path: str | Path) -> str:
     npy -> ``.npy``, npz (FairSeg) -> ``.png``.
     """
     suffix = file_suffix(image_path)
+    if is_dicom_image(image_path):
+        return ".nii.gz"
     table = {".png": ".png", ".jpg": ".png", ".jpeg": ".png", ".tif": ".tif",
              ".tiff": ".tif", ".nii": ".nii.gz", ".nii.gz": ".nii.gz", ".npy": ".npy",
              ".npz": ".png"}
@@ -68,6 +74,25 @@ def label_suffix_for(image_path: str | Path) -> str:
         raise DataError(f"{image_path}: unsupported file type {suffix!r}; "
                         f"use one of {', '.join(SUPPORTED_SUFFIXES)}.")
     return table[suffix]
+
+
+def is_dicom_image(path: str | Path) -> bool:
+    """A DICOM series given as its folder or as one ``.dcm`` file of it (no file read)."""
+    path = Path(path)
+    return path.is_dir() or file_suffix(path) == ".dcm"
+
+
+def _read_dicom(path: Path, pixels: bool) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """A DICOM series as ``(1, X, Y, Z)`` HU (NIfTI voxel order) and its RAS affine."""
+    from training.data.dicom import read_series
+
+    volume = read_series(path, pixels=pixels)
+    meta = {"path": str(path), "suffix": DICOM_SUFFIX, "spatial_shape": volume.shape,
+            "channels": 1, "original_channels_last": False, "affine": volume.affine,
+            "spacing": volume.spacing, "nifti_header": None,
+            "dicom_series_uid": volume.series_instance_uid}
+    image = None if volume.array is None else volume.array[None]
+    return image, meta
 
 
 def _check_readable(path: Path) -> str:
@@ -158,6 +183,10 @@ def image_info(path: str | Path, key: str | None = None, *,
     pixel data (PIL size, tifffile series, npy mmap, npz member header, NIfTI header).
     """
     path = Path(path)
+    if is_dicom_image(path):
+        _, meta = _read_dicom(path, pixels=False)
+        return {"channels": 1, "spatial_shape": meta["spatial_shape"], "suffix": DICOM_SUFFIX,
+                "affine": meta["affine"], "spacing": meta["spacing"]}
     suffix = _check_readable(path)
     axes = None
     if suffix in PIL_SUFFIXES:
@@ -246,6 +275,8 @@ def read_image(path: str | Path, key: str | None = None, *,
         ``suffix`` and ``path``.
     """
     path = Path(path)
+    if is_dicom_image(path):
+        return _read_dicom(path, pixels=True)
     suffix = _check_readable(path)
     array, axes, _, nifti = _read_array(path, suffix, key, as_label=False)
     if array.dtype.kind not in "biuf":

@@ -59,7 +59,7 @@ def _check_files_exist(cases: list[Case], require_labels: bool) -> None:
         if case.label is not None and case.label != case.image:
             paths.append(("label", case.label))
         missing += [f"case {case.id}: {kind} {path}" for kind, path in paths
-                    if not path.is_file()]
+                    if not (path.is_file() or (kind == "image" and path.is_dir()))]
     if missing:
         raise DataError(f"{len(missing)} file(s) are missing; check the paths (manifest paths "
                         f"are relative to the manifest's folder):\n{_first(missing)}")
