@@ -167,7 +167,9 @@ class Segmenter:
         attribute = metadata.get("attribute") or {}
         self.attribute_name: str | None = attribute.get("name")
         self.vocabulary: list[str] = list(attribute.get("vocabulary") or [])
-        self.num_experts = int(kwargs.get("num_experts", 8))
+        from .networks.blocks import fold_moe_kwargs
+
+        self.num_experts = int(fold_moe_kwargs(kwargs).get("moe_spec", {}).get("num_experts", 8))
         self.uses_attribute = kwargs.get("moe") == "dmoe"
         self.overlap = DEFAULT_OVERLAP
 

@@ -76,14 +76,18 @@ def prepare_data(config: FitConfig):
 
 def build_model(config: FitConfig, in_channels: int, num_classes: int, num_attributes: int):
     """The network named by ``config.arch``/``preset``/``moe`` (``training.networks``)."""
-    from ..networks import create_model
+    from ..networks import MoESpec, create_model
+    from ..networks.blocks import fold_moe_kwargs
 
-    kwargs = dict(config.model_kwargs)
-    if config.moe != "none":
-        kwargs.setdefault("importance_weight", config.moe_importance_weight)
-        kwargs.setdefault("load_weight", config.moe_load_weight)
-    if config.moe == "dmoe":
-        kwargs.setdefault("attribute_dropout", config.attribute_dropout)
+    kwargs = fold_moe_kwargs(config.model_kwargs)
+    spec = MoESpec.of(kwargs.get("moe_spec"))
+    given = set((config.model_kwargs.get("moe_spec") or {})) | {
+        k for k in ("importance_weight", "load_weight", "attribute_dropout")
+        if k in config.model_kwargs}
+    flags = {"importance_weight": config.moe_importance_weight,
+             "load_weight": config.moe_load_weight,
+             "attribute_dropout": config.attribute_dropout if config.moe == "dmoe" else 0.0}
+    kwargs["moe_spec"] = spec.replace(**{k: v for k, v in flags.items() if k not in given})
     if config.arch == "transunet" and config.spatial_dims == 2:
         kwargs.setdefault("img_size", config.image_size or DEFAULT_IMAGE_SIZE["transunet"])
     if config.grad_checkpoint:

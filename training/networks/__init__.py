@@ -1,6 +1,6 @@
 """Networks: the dMoE layer and the segmentation backbones built around it."""
 
-from .blocks import UNKNOWN_ATTRIBUTE, DMoE, MoEOutput, RoutingInfo
+from .blocks import UNKNOWN_ATTRIBUTE, DMoE, MoEOutput, MoESpec, RoutingInfo
 from .nets import LayerRouting, ResUNet, SegmentationOutput, TransUNet
 from .registry import create_model, list_models, list_presets, register_model
 
@@ -9,6 +9,7 @@ __all__ = [
     "DMoE",
     "LayerRouting",
     "MoEOutput",
+    "MoESpec",
     "ResUNet",
     "RoutingInfo",
     "SegmentationOutput",

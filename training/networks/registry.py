@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from .blocks.spec import MoESpec, fold_moe_kwargs
 from .blocks.tokens import check_moe_mode
 
 _MODELS: dict[str, type[nn.Module]] = {}
@@ -98,7 +99,10 @@ def create_model(
         moe: ``"none"`` (no MoE), ``"moe"`` (attribute-blind MoE, the attribute is ignored)
             or ``"dmoe"`` (one router per attribute value + an unknown-attribute router).
         num_attributes: attribute values (the routing attribute's vocabulary size).
-        **kwargs: further constructor arguments of the network (see its class).
+        **kwargs: further constructor arguments of the network (see its class); the MoE
+            layers' settings as ``moe_spec=MoESpec(...)`` (or a dict). The flat names used
+            before the spec existed (``num_experts``, ``top_k``, ``moe_dropout``, …) are
+            still accepted and folded into it.
 
     Returns:
         The model, with ``model_name`` and ``model_kwargs`` set. Its ``forward(x, attr)``
@@ -114,6 +118,8 @@ def create_model(
         )
     check_moe_mode(moe)
     params = inspect.signature(cls.__init__).parameters
+    if "moe_spec" in params:  # flat pre-MoESpec arguments (old checkpoints, --model-kwargs)
+        kwargs = fold_moe_kwargs(kwargs)
     accepted = [p for p in params if p != "self"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
@@ -132,6 +138,8 @@ def create_model(
     bound.apply_defaults()
     resolved = {k: v for k, v in bound.arguments.items() if k != "self"}
     resolved.update(getattr(cls, "transient_kwargs", {}))
+    if "moe_spec" in resolved:
+        resolved["moe_spec"] = MoESpec.of(resolved["moe_spec"]).to_dict()
     model.model_name = name
     model.model_kwargs = {"preset": preset, **_jsonable(resolved)}
     return model

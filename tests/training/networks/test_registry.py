@@ -170,7 +170,8 @@ def test_model_kwargs_round_trip(name, dims, shape, moe):
     kwargs = json.loads(json.dumps(model.model_kwargs))
     assert kwargs == model.model_kwargs
     assert kwargs["preset"] == "tiny" and kwargs["moe"] == moe and kwargs["spatial_dims"] == dims
-    assert kwargs["num_experts"] == 4 and kwargs["top_k"] == 1 and kwargs["out_channels"] == 3
+    assert kwargs["moe_spec"]["num_experts"] == 4 and kwargs["moe_spec"]["top_k"] == 1
+    assert kwargs["out_channels"] == 3 and "num_experts" not in kwargs
     rebuilt = create_model(model.model_name, **kwargs).eval()
     assert rebuilt.model_name == name and rebuilt.model_kwargs == model.model_kwargs
     rebuilt.load_state_dict(model.state_dict(), strict=True)

@@ -3,6 +3,7 @@
 from .experts import ExpertBank
 from .moe import DMoE, MoEOutput, RoutingInfo
 from .routing import UNKNOWN_ATTRIBUTE, AttributeRouterBank, RouterOutput
+from .spec import MoESpec, fold_moe_kwargs
 
 __all__ = [
     "UNKNOWN_ATTRIBUTE",
@@ -10,6 +11,8 @@ __all__ = [
     "DMoE",
     "ExpertBank",
     "MoEOutput",
+    "MoESpec",
     "RouterOutput",
     "RoutingInfo",
+    "fold_moe_kwargs",
 ]

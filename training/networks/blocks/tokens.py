@@ -16,6 +16,7 @@ import torch
 
 from .moe import DMoE, RoutingInfo
 from .routing import UNKNOWN_ATTRIBUTE
+from .spec import MoESpec
 
 MOE_MODES = ("none", "moe", "dmoe")
 """``none``: no MoE layer; ``moe``: attribute-blind MoE (one router, the attribute is
@@ -78,37 +79,31 @@ def check_moe_mode(moe: str) -> str:
     return moe
 
 
-def build_moe(
-    moe: str,
-    embed_dim: int,
-    *,
-    num_experts: int = 8,
-    top_k: int = 2,
-    num_attributes: int = 1,
-    mlp_ratio: float = 4.0,
-    dropout: float = 0.1,
-    unknown_router: bool = True,
-    importance_weight: float = 0.0,
-    load_weight: float = 0.0,
-) -> DMoE | None:
+def build_moe(moe: str, embed_dim: int, spec: MoESpec, num_attributes: int = 1) -> DMoE | None:
     """The MoE layer a network's ``moe`` mode asks for (``None`` for ``"none"``).
 
     ``"moe"`` builds the attribute-blind baseline (``num_attributes=1``, whatever was
     passed); ``"dmoe"`` one router per attribute value (+ the unknown router).
+
+    Args:
+        moe: ``"none"``, ``"moe"`` or ``"dmoe"``.
+        embed_dim: token width C of the features the layer sees.
+        spec: what the layer is made of (:class:`MoESpec`).
+        num_attributes: the routing attribute's vocabulary size.
     """
     check_moe_mode(moe)
     if moe == "none":
         return None
     return DMoE(
         embed_dim,
-        num_experts=num_experts,
-        top_k=top_k,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
         num_attributes=num_attributes if moe == "dmoe" else 1,
-        mlp_ratio=mlp_ratio,
-        dropout=dropout,
-        unknown_router=unknown_router,
-        importance_weight=importance_weight,
-        load_weight=load_weight,
+        mlp_ratio=spec.mlp_ratio,
+        dropout=spec.dropout,
+        unknown_router=spec.unknown_router,
+        importance_weight=spec.importance_weight,
+        load_weight=spec.load_weight,
     )
 
 

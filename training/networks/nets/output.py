@@ -45,7 +45,7 @@ class SegmentationOutput(NamedTuple):
     routing: list[LayerRouting] | None
 
 
-def _finish(
+def finish_output(
     logits: torch.Tensor,
     aux_loss: torch.Tensor,
     routing: list[LayerRouting],

@@ -21,7 +21,8 @@ layer, the same for all layers of that sample; this trains the unknown-attribute
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,16 +35,16 @@ from ..blocks.resblocks import (
     check_spatial_dims,
     conv_head,
 )
+from ..blocks.spec import MoESpec
 from ..blocks.tokens import (
     apply_moe_to_feature_map,
     build_moe,
-    check_attribute_dropout,
     check_moe_mode,
     prepare_attributes,
     zero_aux,
 )
 from ..registry import register_model
-from .output import LayerRouting, SegmentationOutput, _finish
+from .output import LayerRouting, SegmentationOutput, finish_output
 
 NUM_STAGES = 5
 DIVISOR = 2**NUM_STAGES
@@ -65,11 +66,8 @@ class ResUNet(nn.Module):
         num_res_units: convolutions per encoder residual unit (decoder units use one).
         norm: ``"instance"`` or ``"batch"``.
         dropout: dropout inside the residual units.
-        num_experts, top_k: experts and experts per token of every dMoE.
-        expert_mlp_ratio: expert hidden width over C.
-        moe_dropout: dropout inside the experts.
-        unknown_router, importance_weight, load_weight: passed to :class:`DMoE`.
-        attribute_dropout: probability of hiding a sample's attribute while training.
+        moe_spec: what every (d)MoE layer is made of (:class:`MoESpec`, or a dict of
+            its fields; experts, top-k, expert dropout, balancing losses, attribute dropout).
         grad_checkpoint: recompute encoder/decoder stage activations in the backward pass
             instead of storing them (less memory for 3D paper-size patches; not stored in
             checkpoints).
@@ -94,14 +92,7 @@ class ResUNet(nn.Module):
         num_res_units: int = 2,
         norm: str = "instance",
         dropout: float = 0.0,
-        num_experts: int = 8,
-        top_k: int = 2,
-        expert_mlp_ratio: float = 4.0,
-        moe_dropout: float = 0.1,
-        unknown_router: bool = True,
-        importance_weight: float = 0.0,
-        load_weight: float = 0.0,
-        attribute_dropout: float = 0.1,
+        moe_spec: MoESpec | Mapping[str, Any] | None = None,
         grad_checkpoint: bool = False,
     ) -> None:
         super().__init__()
@@ -123,7 +114,8 @@ class ResUNet(nn.Module):
         self.norm = norm
         self.in_channels, self.out_channels = in_channels, out_channels
         self.moe_mode = moe
-        self.attribute_dropout = check_attribute_dropout(attribute_dropout)
+        self.moe_spec = spec = MoESpec.of(moe_spec)
+        self.attribute_dropout = spec.attribute_dropout
         self.grad_checkpoint = bool(grad_checkpoint)
         unit = dict(norm=norm, dropout=dropout)
 
@@ -134,13 +126,8 @@ class ResUNet(nn.Module):
                 ResidualDownStage(spatial_dims, prev, ch, num_res_units=num_res_units, **unit)
             )
             prev = ch
-        moe_args = dict(
-            num_experts=num_experts, top_k=top_k, num_attributes=num_attributes,
-            mlp_ratio=expert_mlp_ratio, dropout=moe_dropout, unknown_router=unknown_router,
-            importance_weight=importance_weight, load_weight=load_weight,
-        )
         self.encoder_moe = nn.ModuleList(
-            m for ch in channels if (m := build_moe(moe, ch, **moe_args)) is not None
+            m for ch in channels if (m := build_moe(moe, ch, spec, num_attributes)) is not None
         )
         # decoder[j] brings stride 2^(j+2) back to 2^(j+1), fusing encoder stage j.
         self.decoder = nn.ModuleList(
@@ -211,4 +198,4 @@ class ResUNet(nn.Module):
             feat = run_stage(self.decoder[j], feat, skips[j],
                              checkpointed=self.grad_checkpoint and self.training)
         feat = self.final_up(feat, x)
-        return _finish(self.head(feat), aux, routing, return_routing, return_aux)
+        return finish_output(self.head(feat), aux, routing, return_routing, return_aux)

@@ -18,7 +18,8 @@ that serves patients whose attribute is missing at inference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from monai.networks.blocks import UpSample
@@ -26,11 +27,11 @@ from torch import nn
 
 from ..blocks.moe import DMoE
 from ..blocks.resblocks import check_norm, check_spatial_dims, conv_head, conv_norm_act
+from ..blocks.spec import MoESpec
 from ..blocks.tokens import (
     apply_moe_to_feature_map,
     apply_moe_to_tokens,
     build_moe,
-    check_attribute_dropout,
     check_moe_mode,
     prepare_attributes,
     routing_on_grid,
@@ -39,7 +40,7 @@ from ..blocks.tokens import (
 )
 from ..blocks.vit import ViTEncoder, fetch_timm_weights, read_timm_weights
 from ..registry import register_model
-from .output import LayerRouting, SegmentationOutput, _finish
+from .output import LayerRouting, SegmentationOutput, finish_output
 
 PATCH_SIZE = 16
 SHARINGS = ("shared", "layerwise")
@@ -63,13 +64,10 @@ class TransUNet(nn.Module):
         decoder_head_channels: channels of the 3×3 conv after the encoder (512 in TransUNet).
         decoder_channels: channels of the four ×2 decoder stages.
         norm: decoder normalisation, ``"batch"`` or ``"instance"``.
-        num_experts, top_k: dMoE experts and experts per token.
-        expert_mlp_ratio: expert hidden width over C.
-        moe_dropout: dropout inside the experts.
-        unknown_router, importance_weight, load_weight: passed to :class:`DMoE`.
+        moe_spec: what every (d)MoE layer is made of (:class:`MoESpec`, or a dict of
+            its fields; experts, top-k, expert dropout, balancing losses, attribute dropout).
         moe_sharing: ``"shared"`` (one encoder dMoE for all blocks) or ``"layerwise"``.
         moe_placement: ``"encoder"``, ``"decoder"`` or ``"both"``.
-        attribute_dropout: probability of hiding a sample's attribute while training.
         pretrained: load timm ``vit_base_patch16_224`` weights into the encoder (needs the
             hub, or the file in the Hugging Face cache); RuntimeError when unreachable.
         pretrained_path: load the encoder from this timm ``.safetensors``/``.npz`` instead
@@ -105,16 +103,9 @@ class TransUNet(nn.Module):
         decoder_head_channels: int = 512,
         decoder_channels: Sequence[int] = (256, 128, 64, 16),
         norm: str = "batch",
-        num_experts: int = 8,
-        top_k: int = 2,
-        expert_mlp_ratio: float = 4.0,
-        moe_dropout: float = 0.1,
-        unknown_router: bool = True,
-        importance_weight: float = 0.0,
-        load_weight: float = 0.0,
+        moe_spec: MoESpec | Mapping[str, Any] | None = None,
         moe_sharing: str = "shared",
         moe_placement: str = "encoder",
-        attribute_dropout: float = 0.1,
         pretrained: bool = False,
         pretrained_path: str | None = None,
     ) -> None:
@@ -149,22 +140,19 @@ class TransUNet(nn.Module):
             weights = read_timm_weights(path)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.moe_mode = moe
-        self.attribute_dropout = check_attribute_dropout(attribute_dropout)
+        self.moe_spec = spec = MoESpec.of(moe_spec)
+        self.attribute_dropout = spec.attribute_dropout
 
         self.encoder = ViTEncoder(
             in_channels, img_size=img_size, patch_size=PATCH_SIZE, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
             drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
         )
-        moe_args = dict(
-            num_experts=num_experts, top_k=top_k, num_attributes=num_attributes,
-            mlp_ratio=expert_mlp_ratio, dropout=moe_dropout, unknown_router=unknown_router,
-            importance_weight=importance_weight, load_weight=load_weight,
-        )
         self.shared_moe = moe_sharing == "shared"
         n_encoder = 0 if moe_placement == "decoder" else (1 if self.shared_moe else depth)
         self.encoder_moe = nn.ModuleList(
-            m for _ in range(n_encoder) if (m := build_moe(moe, embed_dim, **moe_args)) is not None
+            m for _ in range(n_encoder)
+            if (m := build_moe(moe, embed_dim, spec, num_attributes)) is not None
         )
 
         self.decoder_head = conv_norm_act(2, embed_dim, decoder_head_channels, norm=norm)
@@ -182,7 +170,7 @@ class TransUNet(nn.Module):
         with_decoder_moe = moe_placement in ("decoder", "both")
         self.decoder_moe = nn.ModuleList(
             m for ch in (decoder_channels if with_decoder_moe else ())
-            if (m := build_moe(moe, ch, **moe_args)) is not None
+            if (m := build_moe(moe, ch, spec, num_attributes)) is not None
         )
         self.head = conv_head(2, prev, out_channels)
 
@@ -244,4 +232,4 @@ class TransUNet(nn.Module):
                 if grid_info is not None:
                     stride = (PATCH_SIZE >> (j + 1),) * 2
                     routing.append(LayerRouting(f"decoder.stage{j}", *grid_info, stride))
-        return _finish(self.head(feat), aux, routing, return_routing, return_aux)
+        return finish_output(self.head(feat), aux, routing, return_routing, return_aux)
