@@ -4,6 +4,9 @@
 writes one label file per case, named ``<id>`` + the input's extension family (``.png``
 for png/jpg/npz, ``.tif``, ``.nii.gz`` with the input's affine and header, ``.npy``) at the
 input's original size, and ``predictions.csv`` (id, attribute value used, file).
+``--output-format nifti|tiff|png|dicom-seg|rtstruct`` chooses another family; DICOM series
+inputs (a folder or a ``.dcm`` file) default to ``dicom-seg`` (``<id>.seg.dcm``, or
+``<id>.rtstruct.dcm``), which reference the source series (training.data.dicom).
 """
 
 from __future__ import annotations
@@ -14,13 +17,51 @@ from pathlib import Path
 
 from .cli import add_checkpoint_data_arguments, add_config_argument, parse_with_config
 
+OUTPUT_FORMATS = {"nifti": ".nii.gz", "tiff": ".tif", "png": ".png",
+                  "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
+"""``--output-format`` choices and the suffix each writes."""
+
+
+def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Path,
+                      output_format: str | None) -> Path:
+    """One label file for one case in ``output_format`` (None: the input's family)."""
+    from .data import label_suffix_for, write_label
+    from .data.io import DICOM_SUFFIX
+
+    if output_format is None and meta.get("suffix") == DICOM_SUFFIX:
+        output_format = "dicom-seg"
+    if output_format not in (None, *OUTPUT_FORMATS):
+        raise ValueError(f"output format {output_format!r}: use one of "
+                         f"{', '.join(OUTPUT_FORMATS)}")
+    suffix = OUTPUT_FORMATS[output_format] if output_format else label_suffix_for(case.image)
+    path = out / f"{case.id}{suffix}"
+    if output_format not in ("dicom-seg", "rtstruct"):
+        return write_label(path, labels, meta)
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .data.dicom import write_dicom_seg, write_rtstruct
+
+    try:
+        software = f"napari-dmoe {version('napari-dmoe')}"
+    except PackageNotFoundError:
+        software = "napari-dmoe"
+    writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
+    return writer(labels, case.image, seg.class_names, path, algorithm_name=checkpoint.stem,
+                  algorithm_version=software, attribute=seg.attribute_name,
+                  attribute_value=result.attribute_value)
+
 
 def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
             split: str = "test", image: str | Path | None = None,
             attribute_value: str | None = None, format: str | None = None,
-            device: str = "auto", progress=None) -> list[dict[str, str]]:
-    """Segment a split of a dataset or one image; returns the ``predictions.csv`` rows."""
-    from .data import Case, file_stem, label_suffix_for, read_image, write_label
+            device: str = "auto", progress=None, output_format: str | None = None,
+            log=None) -> list[dict[str, str]]:
+    """Segment a split of a dataset or one image; returns the ``predictions.csv`` rows.
+
+    3D masks are predicted from the volume and its affine and written on the input's grid
+    with its affine; ``log(line)`` receives each conversion notice (``"<id>: ..."``).
+    """
+    from .data import Case, file_stem, read_image
     from .evaluate import load_split
     from .inference import Segmenter
 
@@ -29,7 +70,8 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
     seg = Segmenter.from_checkpoint(checkpoint, device=device)
     attribute = seg.attribute_name
     if image is not None:
-        cases = [Case(id=file_stem(image), image=Path(image), label=None,
+        case_id = Path(image).name if Path(image).is_dir() else file_stem(image)
+        cases = [Case(id=case_id, image=Path(image), label=None,
                       attributes={attribute or "attribute": attribute_value or ""})]
     else:
         cases = load_split(data, split, format=format, require_labels=False,
@@ -40,8 +82,11 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
     for i, case in enumerate(cases):
         img, meta = read_image(case.image, case.image_key, spatial_dims=seg.spatial_dims)
         value = case.attributes.get(attribute, "") if attribute else ""
-        result = seg.segment(img, value or None, channel_axis=0)
-        path = write_label(out / f"{case.id}{label_suffix_for(case.image)}", result.labels, meta)
+        result = seg.segment(img, value or None, channel_axis=0, affine=meta.get("affine"))
+        for line in result.notices if log else ():
+            log(f"{case.id}: {line}")
+        path = _write_prediction(case, result.labels, meta, result, seg, Path(checkpoint), out,
+                                 output_format)
         rows.append({"id": case.id, "attribute_value": result.attribute_value, "file": path.name})
         if progress:
             progress(i + 1, len(cases))
@@ -60,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="one image file instead of --data")
     p.add_argument("--attribute-value", help="with --image: the patient's attribute value "
                                              "(omit for unknown)")
+    p.add_argument("--output-format", choices=list(OUTPUT_FORMATS),
+                   help="label file family (default: the input's; DICOM input -> dicom-seg)")
     return p
 
 
@@ -73,7 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
     try:
         rows = predict(args.checkpoint, args.out, data=args.data, split=args.split,
                        image=args.image, attribute_value=args.attribute_value,
-                       format=args.format, device=args.device)
+                       format=args.format, device=args.device,
+                       output_format=args.output_format, log=print)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"wrote {len(rows)} label file(s) and predictions.csv to {args.out}")
