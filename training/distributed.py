@@ -234,3 +234,32 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+# -- losses that pool over the whole (global) batch ------------------------------------------
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all ranks, differentiable through this rank's ``t`` only.
+
+    The value is ``Σ_ranks t``; the gradient flows to the local ``t`` (the other ranks'
+    shares are constants here, each rank differentiates its own share). Combined with
+    :func:`ddp_gradient_scale`, a loss built from global sums gives DistributedDataParallel
+    the gradient of the one-process loss over the global batch. Identity in one process.
+    """
+    if not is_distributed():
+        return t
+    total = t.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return t + (total - t.detach())
+
+
+def ddp_gradient_scale(loss: torch.Tensor) -> torch.Tensor:
+    """Same value, gradient × world size (identity in one process).
+
+    DistributedDataParallel *averages* the ranks' gradients. A loss whose value is already
+    global (built with :func:`global_sum`) must contribute the *sum* of the ranks' partial
+    gradients, so each rank's gradient is multiplied by the number of ranks.
+    """
+    world = get_world_size()
+    if world == 1:
+        return loss
+    return loss + (world - 1) * (loss - loss.detach())

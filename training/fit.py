@@ -57,10 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3D training patch (default 64 64 32)")
     g.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="3D intensity window in HU, e.g. -1000 1000 (default: min-max)")
-    g.add_argument("--val-fraction", type=float, default=0.15)
-    g.add_argument("--test-fraction", type=float, default=0.15)
+    g.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="3D voxel size in mm the volumes are resampled to, in RAS axis order "
+                        "(default: the training set's median spacing)")
+    g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--test-fraction", type=float, default=0.1)
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="transunet", choices=["transunet", "resunet"])
+    g.add_argument("--arch", default="transunet", choices=["transunet", "resunet", "separate"],
+                   help="separate: one backbone per attribute group (--model-kwargs "
+                        "'{\"backbone\": \"resunet\"}' for ResUNets; default transunet)")
     g.add_argument("--spatial-dims", type=int, default=2, choices=[2, 3])
     g.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
     g.add_argument("--moe", default="dmoe", choices=["none", "moe", "dmoe"])
@@ -71,7 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-importance-weight", type=float, default=0.0)
     g.add_argument("--moe-load-weight", type=float, default=0.0)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--loss", default="dicece", choices=["dicece", "febs", "groupdro"])
+    g.add_argument("--loss", default="dicece", choices=["dicece", "febs", "groupdro", "adv"],
+                   help="adv: gradient-reversal attribute discriminator on the bottleneck")
+    g.add_argument("--adv-weight", type=float, default=0.1,
+                   help="weight of the adversarial attribute loss (--loss adv)")
+    g.add_argument("--febs-missing", default="reference", choices=["reference", "present"],
+                   help="FEBS when a group is missing from the batch: reference (all weights "
+                        "tanh(0)=0) or present (min over the groups present)")
+    g.add_argument("--dice", default="monai", choices=["monai", "reference"],
+                   help="Dice loss form: monai (per sample) or reference (squared, "
+                        "batch-pooled)")
+    g.add_argument("--select", default="dice", choices=["es_dice", "dice", "worst_group", "last"],
+                   help="validation score that picks best.safetensors (default dice)")
+    g.add_argument("--protocol", default="ours", choices=["ours", "paper"],
+                   help="paper: every reference-code choice (README table)")
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=1e-3)

@@ -170,7 +170,8 @@ class Segmenter:
         from .networks.blocks import fold_moe_kwargs
 
         self.num_experts = int(fold_moe_kwargs(kwargs).get("moe_spec", {}).get("num_experts", 8))
-        self.uses_attribute = kwargs.get("moe") == "dmoe"
+        self.uses_attribute = (kwargs.get("moe") == "dmoe"
+                               or metadata["model"].get("name") == "separate")
         self.overlap = DEFAULT_OVERLAP
 
     @classmethod

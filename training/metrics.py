@@ -98,7 +98,7 @@ def equity_scaled(overall: float, group_values: Sequence[float]) -> float:
     return overall / (1.0 + gaps)
 
 
-def _group_name(value: Any) -> str:
+def group_name(value: Any) -> str:
     """Normalise an attribute value: ``""``, ``None`` and ``"unknown"`` → ``"unknown"``."""
     if value is None:
         return UNKNOWN_GROUP
@@ -106,7 +106,7 @@ def _group_name(value: Any) -> str:
     return UNKNOWN_GROUP if name.strip() == "" or name == UNKNOWN_GROUP else name
 
 
-def _sorted_groups(names: set[str] | Sequence[str]) -> list[str]:
+def sorted_groups(names: set[str] | Sequence[str]) -> list[str]:
     """Groups sorted by name, with ``"unknown"`` (if present) last."""
     known = sorted(n for n in set(names) if n != UNKNOWN_GROUP)
     return known + ([UNKNOWN_GROUP] if UNKNOWN_GROUP in names else [])
@@ -194,8 +194,8 @@ def fairness_summary(
             f"dice {tables['dice'].shape} and iou {tables['iou'].shape} tables differ in shape"
         )
     fg = foreground_names(class_names, tables["dice"].shape[1])
-    groups = np.array([_group_name(r.get("group")) for r in records], dtype=object)
-    names = _sorted_groups(set(groups.tolist()))
+    groups = np.array([group_name(r.get("group")) for r in records], dtype=object)
+    names = sorted_groups(set(groups.tolist()))
     classes = {
         name: _summarise({m: tables[m][:, c] for m in _METRICS}, groups, names)
         for c, name in enumerate(fg)
@@ -263,7 +263,7 @@ class RunningFairness:
         for b in range(p.shape[0]):
             scores = case_scores(p[b], t[b], self.num_classes)
             case_id = str(ids[b]) if ids is not None else f"case{len(self.records) + b}"
-            new.append({"id": case_id, "group": _group_name(groups[b]), **scores})
+            new.append({"id": case_id, "group": group_name(groups[b]), **scores})
         self.records.extend(new)
         return new
 

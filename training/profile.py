@@ -21,7 +21,7 @@ import torch
 
 from .flops import count_flops, count_params
 from .networks.blocks.tokens import MOE_MODES
-from .networks.registry import _get, create_model, list_models
+from .networks.registry import create_model, list_models, model_class
 
 DEFAULT_ATTRIBUTES = {("transunet", 2): 3, ("resunet", 2): 3, ("resunet", 3): 4}
 """Attribute values assumed when ``--num-attributes`` is not given: 3 for 2D (FairSeg's
@@ -31,7 +31,7 @@ race: Asian/Black/White), 4 for 3D (T stage T1-T4)."""
 def default_size(arch: str, preset: str, spatial_dims: int) -> tuple[int, ...]:
     """Input size profiled by default: the preset's ``img_size`` for TransUNet, 224² for a
     2D ResUNet and 384×384×128 (the paper's 3D setting) for a 3D one."""
-    presets = _get(arch).presets
+    presets = model_class(arch).presets
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r} for {arch!r}; choose one of {list(presets)}")
     if "img_size" in presets[preset]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from training.metrics import UNKNOWN_GROUP, _group_name, _sorted_groups, foreground_names
+from training.metrics import UNKNOWN_GROUP, group_name, sorted_groups, foreground_names
 
 METRICS_FILE = "metrics.json"
 _SCALE_NOTE = (
@@ -85,7 +85,7 @@ def write_per_case_csv(
                     f"expected {n_fg} (one per foreground class)"
                 )
             values = [f"{v:.6f}" for v in (*dice, *iou)]
-            writer.writerow([rec["id"], _group_name(rec.get("group")), *values])
+            writer.writerow([rec["id"], group_name(rec.get("group")), *values])
     return path
 
 
@@ -146,8 +146,8 @@ def plot_violin(
     path.parent.mkdir(parents=True, exist_ok=True)
     dice = np.stack([np.atleast_1d(np.asarray(r["dice"], dtype=float)) for r in records])
     fg = foreground_names(class_names, dice.shape[1])
-    groups = np.array([_group_name(r.get("group")) for r in records], dtype=object)
-    names = _sorted_groups(set(groups.tolist()))
+    groups = np.array([group_name(r.get("group")) for r in records], dtype=object)
+    names = sorted_groups(set(groups.tolist()))
     fig = Figure(figsize=(max(4.0, 1.1 * len(names) + 1.5) * len(fg), 4.2), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(fg), squeeze=False)[0]

@@ -14,7 +14,7 @@ class DataError(ValueError):
     """
 
 
-def _first(items: list[str], n: int = 5) -> str:
+def first_lines(items: list[str], n: int = 5) -> str:
     """Format the first ``n`` items as an indented list, with a count of the rest."""
     lines = [f"  - {item}" for item in items[:n]]
     if len(items) > n:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data.cases import Case
-from training.data.errors import DataError, _first
+from training.data.errors import DataError, first_lines
 
 ATTRIBUTE_CODES: dict[str, dict[int, str]] = {
     "race": {0: "Asian", 1: "Black", 2: "White"},
@@ -104,7 +104,7 @@ def read_fairseg(folder: str | Path) -> list[Case]:
     if missing:
         raise DataError(f"{folder}: {len(missing)} file(s) named in train.txt/test.txt are "
                         f"missing; download them or remove them from the lists:\n"
-                        f"{_first(missing)}")
+                        f"{first_lines(missing)}")
     cases, seen = [], set()
     for name, split in wanted:
         path = index[name]

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from training.data.cases import SPLITS, Case
-from training.data.errors import DataError, _first
+from training.data.errors import DataError, first_lines
 from training.data.io import file_stem
 
 RESERVED_COLUMNS = ("image", "label", "split", "id")
@@ -64,7 +64,7 @@ def read_manifest(path: str | Path) -> list[Case]:
         ))
     if problems:
         raise DataError(f"{path}: {len(problems)} bad row(s); fix them and retry:\n"
-                        f"{_first(problems)}")
+                        f"{first_lines(problems)}")
     return cases
 
 

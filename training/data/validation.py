@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from training.data.cases import SPLITS, Case, attribute_names
-from training.data.errors import DataError, _first
+from training.data.errors import DataError, first_lines
 from training.data.io import image_info, read_label
 
 
@@ -37,7 +37,7 @@ def _check_present(cases: list[Case], attribute: str | None, require_labels: boo
     dupes = [f"{i} ({n} times)" for i, n in ids.items() if n > 1]
     if dupes:
         raise DataError(f"{len(dupes)} case id(s) are used more than once; ids name the "
-                        f"prediction files, make them unique:\n{_first(dupes)}")
+                        f"prediction files, make them unique:\n{first_lines(dupes)}")
     if attribute is not None:
         names = attribute_names(cases)
         if attribute not in names:
@@ -49,7 +49,7 @@ def _check_present(cases: list[Case], attribute: str | None, require_labels: boo
         if unlabelled:
             raise DataError(f"{len(unlabelled)} case(s) have no label (mask) file; training and "
                             f"evaluation need one per case (manifest column `label`):\n"
-                            f"{_first(unlabelled)}")
+                            f"{first_lines(unlabelled)}")
 
 
 def _check_files_exist(cases: list[Case], require_labels: bool) -> None:
@@ -62,7 +62,7 @@ def _check_files_exist(cases: list[Case], require_labels: bool) -> None:
                     if not (path.is_file() or (kind == "image" and path.is_dir()))]
     if missing:
         raise DataError(f"{len(missing)} file(s) are missing; check the paths (manifest paths "
-                        f"are relative to the manifest's folder):\n{_first(missing)}")
+                        f"are relative to the manifest's folder):\n{first_lines(missing)}")
 
 
 def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int | None = None,
@@ -143,7 +143,7 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
         examples = [f"{n} channel(s): e.g. case {ids[0]} ({len(ids)} cases)"
                     for n, ids in sorted(channels.items())]
         raise DataError("images have different channel counts; convert them all to grayscale "
-                        f"or all to RGB:\n{_first(examples)}")
+                        f"or all to RGB:\n{first_lines(examples)}")
     summary.update(in_channels=next(iter(channels)), spatial_dims=dims_seen.pop(),
                    max_label=max_label)
     return summary
@@ -163,4 +163,4 @@ def _raise_problems(problems: dict[str, list[str]], num_classes: int | None,
     }
     for kind, lines in problems.items():
         if lines:
-            raise DataError(f"{len(lines)} {advice[kind]}:\n{_first(lines)}")
+            raise DataError(f"{len(lines)} {advice[kind]}:\n{first_lines(lines)}")

@@ -22,6 +22,11 @@ class FitConfig:
     preset: str = "tiny"
     moe: str = "dmoe"
     loss: str = "dicece"
+    adv_weight: float = 0.1
+    febs_missing: str = "reference"
+    dice: str = "monai"
+    select: str = "dice"
+    protocol: str = "ours"
     epochs: int = 50
     batch_size: int = 8
     lr: float = 1e-3
@@ -32,10 +37,12 @@ class FitConfig:
     center_crop: int | None = None
     patch_size: list[int] | None = None
     ct_window: list[float] | None = None
+    spacing: list[float] | None = None
+    orientation: str | None = "RAS"
     val_every: int = 1
     patience: int | None = None
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
     workers: int = 0
@@ -67,6 +74,26 @@ class FitConfig:
         if self.resume_fallback not in ("refuse", "best", "fresh"):
             raise ValueError("--resume-fallback must be refuse, best or fresh, got "
                              f"{self.resume_fallback!r}")
+        from ..protocol import check_select, protocol_changes
+
+        check_select(self.select)
+        if self.dice not in ("monai", "reference"):
+            raise ValueError(f"--dice must be monai or reference, got {self.dice!r}")
+        if self.febs_missing not in ("reference", "present"):
+            raise ValueError(f"--febs-missing must be reference or present, got "
+                             f"{self.febs_missing!r}")
+        if self.adv_weight < 0:
+            raise ValueError(f"--adv-weight must be >= 0, got {self.adv_weight}")
+        paper = protocol_changes(self.protocol)  # --protocol paper: reference choices
+        if paper:
+            self.dice = paper["dice"]
+            if self.center_crop is None and self.spatial_dims == 2:
+                self.center_crop = paper["center_crop"]
+            if self.arch == "transunet":
+                self.model_kwargs = {"drop_rate": paper["vit_drop_rate"], **self.model_kwargs}
+        if (self.arch == "separate" or self.loss == "adv") and not self.attribute:
+            raise ValueError(f"--{'arch separate' if self.arch == 'separate' else 'loss adv'} "
+                             "needs the patient attribute: give --attribute NAME")
         if self.moe == "dmoe" and not self.attribute:
             raise ValueError("--moe dmoe routes on a patient attribute: give --attribute NAME "
                              "(or train --moe moe / none)")

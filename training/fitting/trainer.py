@@ -63,8 +63,9 @@ def _loaders(config: FitConfig, info, cases, vocabulary, pre):
                         persistent_workers=config.workers > 0)
     val_data = []
     for c in shard(val_cases, info.rank, info.world_size):
-        image, label, _ = read_case(c, spatial_dims=config.spatial_dims)
-        val_data.append((c.id, image, label, c.attributes.get(attribute, "") if attribute else ""))
+        image, label, meta = read_case(c, spatial_dims=config.spatial_dims)
+        val_data.append((c.id, image, label, c.attributes.get(attribute, "") if attribute else "",
+                         meta.get("affine")))
     return loader, sampler, gen, len(train_set), val_data, len(val_cases)
 
 
@@ -112,6 +113,12 @@ def _run(config: FitConfig, info) -> FitResult:
     )
     from ..inference import Segmenter
     from ..losses import build_loss
+    from ..protocol import (
+        build_separate_model,
+        loss_options,
+        selection_score,
+        worst_group_dice,
+    )
     from ..train_state import LAST_NAME, TrainState, restore_rng
 
     device = info.device
@@ -129,10 +136,19 @@ def _run(config: FitConfig, info) -> FitResult:
     if info.distributed or precision != "fp32":
         log(f"processes: {info.world_size} ({info.backend or 'single'}); precision {precision}")
 
-    model = build_model(config, pre.in_channels, len(class_names), len(vocabulary)).to(device)
+    build = build_separate_model if config.arch == "separate" else build_model
+    model = build(config, pre.in_channels, len(class_names), len(vocabulary)).to(device)
+    train_groups = [vocabulary.index(c.attributes.get(attribute, ""))
+                    if c.attributes.get(attribute, "") in vocabulary else -1
+                    for c in cases if c.split == "train"] if attribute else None
     loss_fn = build_loss(config.loss, num_classes=len(class_names),
-                         num_groups=max(len(vocabulary), 1)).to(device)
-    optimizer, scheduler = build_optimizer(config, model)
+                         num_groups=max(len(vocabulary), 1),
+                         **loss_options(config, model, train_groups, max(len(vocabulary), 1))
+                         ).to(device)
+    if hasattr(loss_fn, "attach"):  # ADV: the discriminator reads the bottleneck
+        loss_fn.attach(model)
+    # the loss's own parameters (ADV's discriminator) are optimised with the network's
+    optimizer, scheduler = build_optimizer(config, torch.nn.ModuleList([model, loss_fn]))
     if info.distributed:  # same initial weights everywhere, then one random stream per rank
         seed_everything(config.seed + 1_000_003 * info.rank)
     scaler = grad_scaler_for(precision, device)
@@ -148,6 +164,7 @@ def _run(config: FitConfig, info) -> FitResult:
     }
     provenance: dict[str, Any] = {"data": str(config.data), "data_format": fmt,
                                   "data_manifest_hash": manifest_hash(cases),
+                                  "data_cases": len(cases), "select": config.select,
                                   "config": dataclasses.asdict(config)}
     # the loop's bookkeeping (epoch, best metric, patience, history) is a TrainState
     run = TrainState(0, -math.inf, 0, 0, [], {}, config={
@@ -212,14 +229,16 @@ def _run(config: FitConfig, info) -> FitResult:
                     val_data, attribute, n_val).summary()
                 mean = summary["mean"]
                 row.update(val_dice=mean["dice"], val_es_dice=mean["es_dice"],
-                           val_iou=mean["iou"], val_es_iou=mean["es_iou"])
+                           val_iou=mean["iou"], val_es_iou=mean["es_iou"],
+                           val_worst_dice=worst_group_dice(summary))
                 groups = ", ".join(f"{g} {v['dice']:.3f}" for g, v in mean["groups"].items())
-                improved = mean["es_dice"] > run.best_metric
+                score = selection_score(config.select, summary, epoch)  # --select
+                improved = score > run.best_metric
                 log(f"epoch {epoch}: loss {stats.loss:.4f} ({stats.samples_per_second:.1f} "
                     f"img/s) | val Dice {mean['dice']:.4f} ES-Dice {mean['es_dice']:.4f} "
                     f"[{groups}]" + (" *best*" if improved else ""))
                 if improved:
-                    run.best_metric, run.best_epoch, run.since_best = mean["es_dice"], epoch, 0
+                    run.best_metric, run.best_epoch, run.since_best = score, epoch, 0
                     saver.best(epoch, summary)
                 else:
                     run.since_best += 1
@@ -229,9 +248,11 @@ def _run(config: FitConfig, info) -> FitResult:
             if epoch < config.epochs and any_flag(stop.is_set())[0]:
                 raise TrainingInterrupted(stop.signal_name or "stop request", None, epoch, out)
             if config.patience is not None and run.since_best >= config.patience:
-                log(f"no ES-Dice improvement in {config.patience} validations: stopping early")
+                log(f"no {config.select} improvement in {config.patience} validations: "
+                    "stopping early")
                 break
-    log(f"best validation ES-Dice {run.best_metric:.4f} at epoch {run.best_epoch}; outputs in "
+    log(f"best validation {config.select} {run.best_metric:.4f} at epoch {run.best_epoch}; "
+        f"outputs in "
         f"{out}")
     return FitResult(out, out / "best.safetensors", out / LAST_NAME, run.best_metric,
                      run.best_epoch, epoch, run.history)

@@ -58,10 +58,11 @@ def list_models() -> list[str]:
 
 def list_presets(name: str) -> list[str]:
     """Preset names of network ``name``."""
-    return list(_get(name).presets)
+    return list(model_class(name).presets)
 
 
-def _get(name: str) -> type[nn.Module]:
+def model_class(name: str) -> type[nn.Module]:
+    """The class registered as ``name`` (ValueError listing the names if unknown)."""
     models = _registry()
     if name not in models:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(models)}")
@@ -111,7 +112,7 @@ def create_model(
     Raises:
         ValueError: unknown name, preset, moe mode or keyword, or an invalid value.
     """
-    cls = _get(name)
+    cls = model_class(name)
     if preset not in cls.presets:
         raise ValueError(
             f"unknown preset {preset!r} for {name!r}; choose one of {list(cls.presets)}"

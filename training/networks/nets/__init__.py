@@ -2,6 +2,8 @@
 
 from .output import LayerRouting, SegmentationOutput
 from .resunet import ResUNet
+from .separate import SeparateModels
 from .transunet import TransUNet
 
-__all__ = ["LayerRouting", "ResUNet", "SegmentationOutput", "TransUNet"]
+__all__ = ["LayerRouting", "ResUNet", "SegmentationOutput", "SeparateModels",
+           "TransUNet"]
