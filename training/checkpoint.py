@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -50,7 +51,7 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def _plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors with no storage shared between two names."""
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
@@ -64,19 +65,81 @@ def _plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+FAULT_ENV = "NAPARI_DMOE_FAULT"
+"""Environment hook for fault-injection tests: ``checkpoint-write:N`` ends the process with
+``os._exit(137)`` (as SIGKILL would) at the N-th write boundary (1-based, counted over the
+process). Each :func:`atomic_write_bytes` call has three boundaries: ``torn`` (the temporary
+file holds half its bytes), ``written`` (complete temporary file, not yet renamed) and
+``replaced`` (renamed into place)."""
+FAULT_PHASES = ("torn", "written", "replaced")
+_write_steps = [0]
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or state file could not be written (disk full, read-only folder...).
+
+    The message names the file, the cause and says that the previous file is unchanged.
+    """
+
+
+def fault_point(phase: str, path: Path, tmp: str) -> None:
+    """Fault-injection boundary (see :data:`FAULT_ENV`); a no-op unless the variable is set."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("checkpoint-write:"):
+        return
+    _write_steps[0] += 1
+    try:
+        target = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"{FAULT_ENV} must look like checkpoint-write:N, got {spec!r}") from None
+    if _write_steps[0] != target:
+        return
+    if phase == "torn" and os.path.exists(tmp):
+        os.truncate(tmp, os.path.getsize(tmp) // 2)
+    print(f"{FAULT_ENV}: killed at write step {target} ({phase} {path.name})", flush=True)
+    os._exit(137)
+
+
+def temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Temporary files left in ``folder`` by :func:`atomic_write_bytes` calls that were killed.
+
+    Only names of the form ``.<target>.<8 random characters>.tmp`` count.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP_NAME.match(p.name))
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then move the file into place (same folder, ``os.replace``).
 
-    A crash at any instant leaves either the old file or the new one, never a torn file.
+    A crash at any instant leaves either the old file or the new one, never a torn file
+    (a killed write leaves a ``.<name>.XXXXXXXX.tmp`` file, see :func:`temp_files`).
+
+    Raises:
+        CheckpointWriteError: the write failed (e.g. no space left on the device); the
+            temporary file is removed and the previous ``path`` is unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            fault_point("torn", path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise CheckpointWriteError(_write_failure(path, exc)) from None
+        except Exception as exc:  # safetensors reports disk-full as SafetensorError
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise CheckpointWriteError(_write_failure(path, exc)) from None
+        fault_point("written", path, tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
@@ -84,19 +147,31 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    fault_point("replaced", path, tmp)
     return path
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
-    """Write ``model`` and JSON-serialisable ``metadata`` to one ``.safetensors`` file.
+def _write_failure(path: Path, exc: BaseException) -> str:
+    import errno
+    import shutil
 
-    The model must come from ``training.networks.create_model`` (it carries ``model_name``
-    and ``model_kwargs``). Common metadata keys: ``class_names``, ``attribute``
-    (``{"name", "vocabulary", "unknown_router"}``), ``preprocessing``, ``provenance``.
-    The write is atomic (temporary file + rename).
-    """
-    from safetensors.torch import save_file
+    text = str(exc)
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    keep = (f"the previous {path.name} is unchanged" if path.exists()
+            else f"no {path.name} was written")
+    if full:
+        return (f"cannot write {path}: no space left on the device ({free} in {path.parent}); "
+                f"{keep}. Free some space (or choose another --out), then run again "
+                "(training runs: add --resume).")
+    return f"cannot write {path}: {text}; {keep}. Check the folder is writable, then run again."
 
+
+def checkpoint_header(model: nn.Module, **metadata: Any) -> str:
+    """The JSON text stored under ``napari_dmoe`` for ``model`` and ``metadata``."""
     name = getattr(model, "model_name", None)
     kwargs = getattr(model, "model_kwargs", None)
     if name is None or kwargs is None:
@@ -116,11 +191,42 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     header["provenance"] = prov
     try:
-        text = json.dumps(header, sort_keys=True)
+        return json.dumps(header, sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"checkpoint metadata must be JSON-serialisable: {exc}") from None
-    tensors = _plain_tensors(model)
-    return atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, {METADATA_KEY: text}))
+
+
+def checkpoint_bytes(tensors: dict[str, torch.Tensor], header_text: str) -> bytes:
+    """The bytes of a checkpoint file: ``tensors`` (plain CPU tensors) + the header text.
+
+    Deterministic: the same tensors and text give the same bytes (and SHA-256).
+    """
+    from safetensors.torch import save
+
+    return save(tensors, {METADATA_KEY: header_text})
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """:func:`atomic_write_bytes` for bytes already in memory."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write_bytes(path, write)
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write ``model`` and JSON-serialisable ``metadata`` to one ``.safetensors`` file.
+
+    The model must come from ``training.networks.create_model`` (it carries ``model_name``
+    and ``model_kwargs``). Common metadata keys: ``class_names``, ``attribute``
+    (``{"name", "vocabulary", "unknown_router"}``), ``preprocessing``, ``provenance``.
+    The write is atomic (temporary file + rename); a failed write (disk full) raises
+    :class:`CheckpointWriteError` and leaves the previous file in place.
+    """
+    text = checkpoint_header(model, **metadata)
+    return write_bytes_atomic(path, checkpoint_bytes(plain_tensors(model), text))
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -203,40 +309,87 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     return meta, index
 
 
-def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model described by a checkpoint and load its weights.
+def check_metadata(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Refuse metadata whose fields disagree with each other (naming the field).
 
-    Returns:
-        ``(model, metadata)`` with the model in eval mode on ``device``.
+    Checks ``class_names`` against ``model.kwargs.out_channels``, the attribute vocabulary
+    against ``num_attributes`` (dMoE), and ``in_channels``/``spatial_dims`` (top level and
+    in ``preprocessing``) against the network's arguments.
 
     Raises:
-        ValueError: the file is not a valid napari-dmoe checkpoint, or its tensors do not
-            match the network its metadata describes (missing/unexpected names, shapes).
+        ValueError: the first disagreement, naming the file and both fields.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    kwargs = meta["model"]["kwargs"]
+    fix = "the checkpoint file is inconsistent; re-save it with training.fit or use another file"
 
+    def refuse(field: str, says: Any, other: str, other_says: Any) -> None:
+        raise ValueError(f"{path}: metadata field '{field}' ({says!r}) disagrees with "
+                         f"'{other}' ({other_says!r}); {fix}.")
+
+    out_channels = kwargs.get("out_channels")
+    names = meta.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path}: metadata field 'class_names' must be a list of names, "
+                             f"got {names!r}; {fix}.")
+        if out_channels is not None and len(names) != out_channels:
+            refuse("class_names", names, "model.kwargs.out_channels", out_channels)
+    attribute = meta.get("attribute") or {}
+    vocabulary = attribute.get("vocabulary")
+    if vocabulary is not None:
+        if not isinstance(vocabulary, list) or not all(isinstance(v, str) for v in vocabulary):
+            raise ValueError(f"{path}: metadata field 'attribute.vocabulary' must be a list of "
+                             f"strings, got {vocabulary!r}; {fix}.")
+        if len(set(vocabulary)) != len(vocabulary):
+            raise ValueError(f"{path}: metadata field 'attribute.vocabulary' repeats a value "
+                             f"({vocabulary!r}); {fix}.")
+        if kwargs.get("moe") == "dmoe" and "num_attributes" in kwargs \
+                and kwargs["num_attributes"] != max(len(vocabulary), 1):
+            refuse("attribute.vocabulary", vocabulary, "model.kwargs.num_attributes",
+                   kwargs["num_attributes"])
+    pre = meta.get("preprocessing") or {}
+    for key in ("in_channels", "spatial_dims"):
+        want = kwargs.get(key)
+        if want is None:
+            continue
+        if meta.get(key) is not None and meta[key] != want:
+            refuse(key, meta[key], f"model.kwargs.{key}", want)
+        if pre.get(key) is not None and pre[key] != want:
+            refuse(f"preprocessing.{key}", pre[key], f"model.kwargs.{key}", want)
+
+
+def expected_shapes(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``state_dict`` shapes of the network the metadata describes, built on the ``meta``
+    device (no memory is allocated for weights, whatever sizes the metadata claims).
+
+    Raises:
+        ValueError: the metadata does not describe a network this version can build.
+    """
     from .networks import create_model
 
-    meta, _ = read_header(path)
     try:
-        model = create_model(meta["model"]["name"], **meta["model"]["kwargs"])
-    except (TypeError, ValueError) as exc:
+        with torch.device("meta"):
+            model = create_model(meta["model"]["name"], **meta["model"]["kwargs"])
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
         raise ValueError(f"{path}: cannot rebuild the network from its metadata: {exc}") from None
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read tensors: {exc}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_tensor_shapes(path: str | os.PathLike, meta: dict[str, Any],
+                        index: dict[str, Any]) -> None:
+    """Compare the tensor table of the header with :func:`expected_shapes`, before any
+    network is allocated.
+
+    Raises:
+        ValueError: missing or unexpected tensor names, or a shape mismatch (the message
+            names the first keys and both shapes).
+    """
+    expected = expected_shapes(path, meta)
+    found = {k: tuple(v["shape"]) for k, v in index.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k}: file {found[k]} vs model {v}" for k, v in expected.items()
+                   if k in found and found[k] != v)
     if missing or unexpected or wrong:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
@@ -245,8 +398,44 @@ def load_checkpoint(
                 parts.append(f"{label}: {', '.join(items[:5])}{more}")
         raise ValueError(
             f"{path}: tensors do not match the '{meta['model']['name']}' network its metadata "
-            f"describes; {'; '.join(parts)}"
+            f"describes; {'; '.join(parts)}. The metadata or the tensors were altered; use "
+            "the original file."
         )
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model described by a checkpoint and load its weights.
+
+    Everything is checked before memory is allocated: the header (:func:`read_header`),
+    the metadata fields against each other (:func:`check_metadata`) and the tensor shapes
+    against the architecture built on the ``meta`` device (:func:`check_tensor_shapes`).
+
+    Returns:
+        ``(model, metadata)`` with the model in eval mode on ``device``.
+
+    Raises:
+        ValueError: the file is not a valid napari-dmoe checkpoint, its metadata fields
+            disagree, or its tensors do not match the network its metadata describes
+            (missing/unexpected names, shapes).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .networks import create_model
+
+    meta, index = read_header(path)
+    check_metadata(path, meta)
+    check_tensor_shapes(path, meta, index)
+    try:
+        model = create_model(meta["model"]["name"], **meta["model"]["kwargs"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot rebuild the network from its metadata: {exc}") from None
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read tensors: {exc}") from None
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
     return model, meta

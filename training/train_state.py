@@ -328,34 +328,101 @@ class ResumePoint:
     message: str
 
 
+HISTORY_NAME = "history.csv"
+
+
+def history_csv(rows: list[dict[str, Any]]) -> bytes:
+    """``history.csv`` bytes: one row per completed epoch, columns in first-seen order."""
+    import csv
+    import io
+
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def write_history(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """Write ``history.csv`` atomically (a kill leaves the old file or the new one)."""
+    from .checkpoint import write_bytes_atomic
+
+    return write_bytes_atomic(path, history_csv(rows))
+
+
 def save_last_pair(out: str | os.PathLike, model: torch.nn.Module, state: TrainState,
                    **checkpoint_metadata: Any) -> tuple[Path, Path]:
-    """Write ``last.safetensors``, then ``last.state.safetensors`` recording its SHA-256.
+    """Write ``last.state.safetensors``, then ``last.safetensors``, then ``history.csv``.
 
-    Both writes are atomic; :func:`verify_last_pair` accepts every on-disk combination a
-    kill can leave (old pair, or new checkpoint + old state). ``state.model`` defaults to
-    ``model.state_dict()``; ``state.model_file`` is filled in here.
+    The state is written first and records the SHA-256 and header of the checkpoint about
+    to be written, so the state alone can rebuild ``last.safetensors`` bit for bit
+    (:func:`repair_run_folder`). Every write is atomic, and :func:`find_resume_point`
+    accepts every on-disk combination a kill can leave: nothing yet (a new run), the new
+    state beside the previous (or no) checkpoint, or the complete new set; a stale
+    ``history.csv`` is rewritten from the state. ``state.model`` defaults to the model's
+    weights; ``state.model_file`` is filled in here.
 
     Returns:
         ``(checkpoint path, state path)``.
     """
-    from .checkpoint import save_checkpoint
+    from .checkpoint import checkpoint_bytes, checkpoint_header, plain_tensors, write_bytes_atomic
 
     out = Path(out)
-    last = save_checkpoint(model, out / LAST_NAME, **checkpoint_metadata)
-    state.model_file = {"name": LAST_NAME, "sha256": file_sha256(last), "epoch": state.epoch}
+    text = checkpoint_header(model, **checkpoint_metadata)
+    tensors = plain_tensors(model)
+    data = checkpoint_bytes(tensors, text)
+    state.model_file = {"name": LAST_NAME, "sha256": hashlib.sha256(data).hexdigest(),
+                        "epoch": state.epoch, "header": text}
     if not state.model:
-        state.model = model.state_dict()
-    return last, save_train_state(out / STATE_NAME, state)
+        state.model = tensors
+    state_path = save_train_state(out / STATE_NAME, state)
+    last = write_bytes_atomic(out / LAST_NAME, data)
+    write_history(out / HISTORY_NAME, state.history)
+    return last, state_path
+
+
+def repair_run_folder(out: str | os.PathLike, state: TrainState) -> list[str]:
+    """Bring ``last.safetensors`` and ``history.csv`` in line with a verified ``state``.
+
+    A kill between the writes of :func:`save_last_pair` can leave the previous (or no)
+    checkpoint and a history without the last epoch; both are rewritten from the state
+    (the checkpoint bit for bit, when the state recorded its header).
+
+    Returns:
+        One line per file rewritten (empty when nothing was needed).
+    """
+    from .checkpoint import checkpoint_bytes, write_bytes_atomic
+
+    out = Path(out)
+    done = []
+    info = state.model_file or {}
+    last = out / LAST_NAME
+    if info.get("header") and state.model and (
+            not last.is_file() or file_sha256(last) != info.get("sha256")):
+        data = checkpoint_bytes({k: v.contiguous() for k, v in state.model.items()},
+                                info["header"])
+        if hashlib.sha256(data).hexdigest() == info.get("sha256"):
+            write_bytes_atomic(last, data)
+            done.append(f"rewrote {LAST_NAME} of epoch {state.epoch} from {STATE_NAME}")
+    history = out / HISTORY_NAME
+    want = history_csv(state.history)
+    if not history.is_file() or history.read_bytes() != want:
+        write_history(history, state.history)
+        done.append(f"rewrote {HISTORY_NAME} with the {len(state.history)} completed epoch(s)")
+    return done
 
 
 def verify_last_pair(out: str | os.PathLike) -> TrainState:
     """Load ``last.state.safetensors`` and check ``last.safetensors`` against it.
 
     The pair is consistent when the checkpoint's SHA-256 is the one the state recorded.
-    One other case is accepted: the checkpoint is exactly one epoch newer than the state
-    (the run died between writing the checkpoint and writing its state); the state holds
-    its own copy of the weights, so the run resumes exactly from the state's epoch.
+    A kill between the two writes is accepted as well: the checkpoint missing or one
+    epoch older than the state (the state is written first), or one epoch newer (files
+    written by earlier versions, checkpoint first). The state holds its own copy of the
+    weights, so the run resumes exactly from the state's epoch.
 
     Raises:
         StateError: a file is missing, damaged, or the two do not belong together.
@@ -371,15 +438,15 @@ def verify_last_pair(out: str | os.PathLike) -> TrainState:
                          f"state), so the run cannot continue exactly. {hint}.")
     state = load_train_state(state_path)
     if not last.is_file():
-        raise StateError(f"{last} is missing although {STATE_NAME} is there. {hint}.")
+        return state  # killed before the checkpoint's first write: the state is complete
     try:
         meta, _ = read_header(last)
     except ValueError as exc:
         raise StateError(f"{last} is corrupt: {exc}. {hint}.") from None
     recorded = (state.model_file or {}).get("sha256")
     if recorded != file_sha256(last):
-        newer = (meta.get("provenance") or {}).get("epochs") == state.epoch + 1
-        if not newer:
+        epochs = (meta.get("provenance") or {}).get("epochs")
+        if epochs not in (state.epoch - 1, state.epoch + 1):
             raise StateError(f"{last} does not match {STATE_NAME} (its SHA-256 differs from "
                              f"the one recorded at epoch {state.epoch}): the file was damaged "
                              f"or replaced. {hint}.")
@@ -404,9 +471,17 @@ def find_resume_point(out: str | os.PathLike, fallback: str = "refuse") -> Resum
     out = Path(out)
     if not (out / LAST_NAME).exists() and not (out / STATE_NAME).exists():
         return ResumePoint("new", None, f"nothing to resume in {out}: starting a new run")
+    if not (out / STATE_NAME).exists() and _checkpoint_epoch(out / LAST_NAME) == 1:
+        # written by versions that saved the checkpoint first, killed before the first state
+        return ResumePoint("new", None, f"{out / LAST_NAME} of epoch 1 has no {STATE_NAME} "
+                           "(the run was stopped before its first state was written): "
+                           "starting the run again from epoch 1")
     try:
         state = verify_last_pair(out)
-        return ResumePoint("state", state, f"resuming after epoch {state.epoch} from {out}")
+        repaired = repair_run_folder(out, state)
+        note = f" ({'; '.join(repaired)})" if repaired else ""
+        return ResumePoint("state", state,
+                           f"resuming after epoch {state.epoch} from {out}{note}")
     except StateError as exc:
         if fallback == "refuse":
             raise
@@ -446,6 +521,17 @@ def shared_resume_point(out: str | os.PathLike, fallback: str = "refuse") -> Res
     if error:
         raise StateError(error)
     return point if get_rank() == 0 else light
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    from .checkpoint import read_header
+
+    try:
+        meta, _ = read_header(path)
+    except (OSError, ValueError):
+        return None
+    epochs = (meta.get("provenance") or {}).get("epochs")
+    return epochs if isinstance(epochs, int) else None
 
 
 def _state_from_best(out: Path) -> TrainState:

@@ -184,7 +184,12 @@ def test_resume_point_decisions(tmp_path):
 
     assert find_resume_point(tmp_path).kind == "new"
     net = create_model("resunet", preset="tiny", moe="none")
+    # a checkpoint of epoch 1 without state: an older version killed before its first
+    # state; the run starts again (nothing was lost but that epoch)
     save_checkpoint(net, tmp_path / "last.safetensors", provenance={"epochs": 1})
+    point = find_resume_point(tmp_path)
+    assert point.kind == "new" and "epoch 1" in point.message
+    save_checkpoint(net, tmp_path / "last.safetensors", provenance={"epochs": 2})
     with pytest.raises(StateError, match="no last.state.safetensors.*--resume-fallback best"):
         find_resume_point(tmp_path)
     assert find_resume_point(tmp_path, "fresh").kind == "fresh"
