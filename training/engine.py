@@ -262,8 +262,10 @@ def evaluate_cases(
     model's vocabulary go through the unknown path and are reported as ``"unknown"``.
     """
     fairness = RunningFairness(segmenter.class_names, attribute or "attribute")
-    for i, (case_id, image, label, value) in enumerate(cases):
-        result = segmenter.segment(image, value, channel_axis=0)
+    for i, (case_id, image, label, value, *affine) in enumerate(cases):
+        # optional 5th item: the 3D volume's affine (mask mapped back onto its grid)
+        result = segmenter.segment(image, value, channel_axis=0,
+                                   affine=affine[0] if affine else None)
         fairness.update(result.labels[None], label[None], [result.attribute_value], ids=[case_id])
         if progress:
             progress(i + 1, len(cases))

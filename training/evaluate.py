@@ -57,8 +57,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
                        attribute=attribute, spatial_dims=seg.spatial_dims)
     loaded = []
     for c in cases:
-        image, label, _ = read_case(c, spatial_dims=seg.spatial_dims)
-        loaded.append((c.id, image, label, c.attributes.get(attribute, "") if attribute else ""))
+        image, label, meta = read_case(c, spatial_dims=seg.spatial_dims)
+        loaded.append((c.id, image, label, c.attributes.get(attribute, "") if attribute else "",
+                       meta.get("affine")))
     fairness = evaluate_cases(seg, loaded, attribute, progress=progress)
     summary = fairness.summary()
     summary["checkpoint"] = str(checkpoint)

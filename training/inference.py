@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,8 @@ class SegmentationResult:
     routing: list[RoutingMap] = field(default_factory=list)
     probabilities: np.ndarray | None = None
     seconds: float = 0.0
+    notices: list[str] = field(default_factory=list)
+    """One line per conversion the input went through (channels, geometry), for the user."""
 
 
 def expert_usage(routing: RoutingMap, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -154,11 +157,18 @@ class Segmenter:
     def __init__(self, model: torch.nn.Module, metadata: dict[str, Any],
                  device: str | torch.device = "auto") -> None:
         from .data import Preprocessing
+        from .data.transforms import GEOMETRY_KEYS
 
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.metadata = metadata
         self.preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
+        if self.preprocessing.spatial_dims == 3 and not any(
+                k in metadata["preprocessing"] for k in GEOMETRY_KEYS):
+            warnings.warn("this 3D checkpoint predates scanner geometry (no orientation or "
+                          "spacing in its preprocessing): volumes go to the model in their "
+                          "stored voxel order and spacing; retrain it for orientation-"
+                          "independent results", UserWarning, stacklevel=2)
         kwargs = metadata["model"]["kwargs"]
         self.num_classes = int(kwargs["out_channels"])
         names = metadata.get("class_names") or ["background"] + [
@@ -232,13 +242,40 @@ class Segmenter:
             image = image[:3]  # RGBA → RGB
         return image
 
+    def convert_channels(self, image: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """``(C, *spatial)`` -> the model's channels, with a one-line notice per conversion.
+
+        RGB(A) into a grayscale model: luminance (ITU-R 601, as PIL's "L") or the channel
+        the checkpoint's ``gray_from`` names; grayscale into an RGB model: replicated.
+        Other mismatches are left for :meth:`check_image` to refuse.
+        """
+        arr = np.asarray(image)
+        pre = self.preprocessing
+        if arr.shape[0] in (3, 4) and self.in_channels == 1:
+            rgb = arr[:3].astype(np.float32)
+            if pre.gray_from == "luminance":
+                gray = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+                how = "luminance (0.299 R + 0.587 G + 0.114 B)"
+            else:
+                gray = rgb[("red", "green", "blue").index(pre.gray_from)]
+                how = f"its {pre.gray_from} channel"
+            return gray[None], [f"RGB image converted to grayscale by {how}: the model was "
+                                "trained on grayscale images."]
+        if arr.shape[0] == 1 and self.in_channels == 3:
+            return np.repeat(arr, 3, axis=0), [
+                "grayscale image replicated to R, G and B: the model was trained on RGB images."]
+        return arr, []
+
     def check_image(self, image: np.ndarray, *, channel_axis: int | None = None) -> np.ndarray:
         """Raise a user-facing ValueError if the image cannot go through this model.
 
+        RGB into a grayscale model and grayscale into an RGB model are converted
+        (:meth:`convert_channels`).
+
         Returns:
-            The image as ``(C, *spatial)``.
+            The image as ``(C, *spatial)`` with the model's channel count.
         """
-        arr = self._channels_first(image, channel_axis)
+        arr, _ = self.convert_channels(self._channels_first(image, channel_axis))
         if arr.shape[0] != self.in_channels:
             raise ValueError(
                 f"The model expects {self.in_channels} channel(s) "
@@ -274,6 +311,7 @@ class Segmenter:
         return_probabilities: bool = False,
         progress: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        affine: np.ndarray | None = None,
     ) -> SegmentationResult:
         """Segment one image.
 
@@ -287,11 +325,25 @@ class Segmenter:
             return_probabilities: add softmax probabilities ``(K, *spatial)``.
             progress: called as ``progress(done, total)``.
             should_cancel: polled between steps; True → :class:`Cancelled`.
+            affine: 3D only: the volume's 4x4 voxel-to-RAS affine (NIfTI, DICOM). With a
+                checkpoint that knows geometry, the volume is brought to its orientation and
+                spacing, and the prediction is mapped back onto the input's voxel grid
+                (probabilities resampled, then argmax), so ``labels`` keep the input's
+                shape and affine.
         """
         start = time.perf_counter()
-        arr = self.check_image(image, channel_axis=channel_axis)
+        arr, notices = self.convert_channels(self._channels_first(image, channel_axis))
+        arr = self.check_image(arr, channel_axis=0)
         attr_index, used = self.encode(attribute_value)
-        x, geometry = self.preprocessing.prepare(arr)
+        if self.spatial_dims == 3 and self.preprocessing.uses_geometry and affine is None:
+            notices.append("no affine given: the volume is assumed to be stored in the model's "
+                           f"orientation ({self.preprocessing.orientation or 'as trained'}) "
+                           "and spacing.")
+        x, geometry = self.preprocessing.prepare(arr, affine if self.spatial_dims == 3 else None)
+        canonical = geometry.get("canonical")
+        if canonical is not None and (canonical.reorients or canonical.resamples):
+            notices.append(f"volume resampled for the model: {canonical.describe()}; the "
+                           "mask is mapped back onto the input's grid.")
         x = x[None].to(self.device)
         attr = torch.tensor([attr_index], device=self.device)
         cancel = should_cancel or (lambda: False)
@@ -306,11 +358,19 @@ class Segmenter:
                 logits, gates, names, strides = self._run_sliding(
                     x, attr, return_routing, progress, cancel)
         logits = self.preprocessing.restore(logits.float(), geometry)[0]
-        labels = logits.argmax(0).to(torch.int32).cpu().numpy()
-        probs = torch.softmax(logits, 0).cpu().numpy() if return_probabilities else None
+        if canonical is not None:
+            from .data.geometry import from_canonical, labels_from_canonical
+
+            model_probs = torch.softmax(logits, 0).cpu()
+            del logits
+            labels = labels_from_canonical(model_probs, canonical)
+            probs = from_canonical(model_probs, canonical) if return_probabilities else None
+        else:
+            labels = logits.argmax(0).to(torch.int32).cpu().numpy()
+            probs = torch.softmax(logits, 0).cpu().numpy() if return_probabilities else None
         routing = [self._place(n, g[0], s, geometry) for n, g, s in zip(names, gates, strides)]
         return SegmentationResult(labels, used, self.class_names, routing, probs,
-                                  time.perf_counter() - start)
+                                  time.perf_counter() - start, notices)
 
     def _run_whole(self, x, attr, return_routing):
         out = self.model(x, attr, return_routing=return_routing)
@@ -364,6 +424,11 @@ class Segmenter:
         else:
             # sliding-window outputs were resized to the volume: one cell per stride voxels
             shape = geometry["original_shape"]
+            canonical = geometry.get("canonical")
+            if canonical is not None:  # the grid spans the volume: undo flips/permutation
+                from .data.geometry import to_source_grid_cells
+
+                gates, shape = to_source_grid_cells(gates, canonical), canonical.source_shape
             stride = tuple(float(n) / g for n, g in zip(shape, gates.shape[1:]))
             offset = (0.0,) * 3
         return RoutingMap(name, gates.numpy(), stride, offset)

@@ -88,7 +88,7 @@ def test_attribute_changes_result_and_unknown_values(seg2d):
 @pytest.mark.parametrize(
     "image, message",
     [(np.zeros((16, 64, 64)), "looks like a 3D volume"),
-     (np.zeros((64, 64, 3)), "expects 1 channel"),
+     (np.zeros((64, 64, 2)), "expects 1 channel"),  # RGB is converted (test_inference_geometry)
      (np.full((64, 64), np.nan), "NaN"),
      (np.zeros((1, 1)), "too small"),
      (np.zeros((2, 3, 4, 5)), "has shape")],

@@ -76,11 +76,13 @@ class SegmentationDataset(Dataset):
     def _load(self, index: int) -> dict[str, Any]:
         if index in self._cache:
             return self._cache[index]
-        image, label, _ = read_case(self.cases[index], spatial_dims=self.spatial_dims)
+        image, label, meta = read_case(self.cases[index], spatial_dims=self.spatial_dims)
         sample: dict[str, Any] = {"image": image}
         if label is not None:
             sample["label"] = label
         if isinstance(self.transform, SampleTransform):
+            if meta.get("affine") is not None:  # 3D: canonical orientation and spacing
+                sample["affine"] = meta["affine"]
             sample = self.transform.deterministic(sample)
         if self.cache:
             self._cache[index] = sample

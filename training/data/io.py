@@ -188,7 +188,7 @@ def image_info(path: str | Path, key: str | None = None, *,
         return {"channels": 1, "spatial_shape": meta["spatial_shape"], "suffix": DICOM_SUFFIX,
                 "affine": meta["affine"], "spacing": meta["spacing"]}
     suffix = _check_readable(path)
-    axes = None
+    axes = affine = None
     if suffix in PIL_SUFFIXES:
         from PIL import Image
 
@@ -210,10 +210,12 @@ def image_info(path: str | Path, key: str | None = None, *,
     else:
         import nibabel as nib
 
-        shape = _squeeze_nifti(tuple(nib.load(path).shape))
+        nifti = nib.load(path)
+        shape = _squeeze_nifti(tuple(nifti.shape))
+        affine = np.asarray(nifti.affine, dtype=np.float64)  # NIfTI: geometry from the header
     axis = _channel_axis(shape, suffix, path, axes=axes, spatial_dims=spatial_dims)
     channels, spatial = _split_shape(shape, axis)
-    return {"channels": channels, "spatial_shape": spatial, "suffix": suffix}
+    return {"channels": channels, "spatial_shape": spatial, "suffix": suffix, "affine": affine}
 
 
 def _squeeze_nifti(shape: tuple[int, ...]) -> tuple[int, ...]:

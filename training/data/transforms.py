@@ -7,9 +7,17 @@ repeats exactly what training saw:
   (None: no crop; a side larger than the image is clamped to it), resize to
   ``image_size`` (image bicubic with antialiasing, mask nearest; None: keep the size),
   then intensities to [0, 1].
-- 3D: intensities only (``ct_window``: clip to (lo, hi) HU and scale to [0, 1]); training
-  samples random ``patch_size`` patches, inference runs on the whole volume by sliding
-  window (``training.inference``).
+- 3D: with an affine (NIfTI, DICOM), the volume is first brought to the canonical
+  ``orientation`` (axis codes, ``"RAS"``) and voxel ``spacing`` (mm) by
+  ``training.data.geometry`` (images trilinear, labels nearest; None keeps the stored
+  order/spacing, as checkpoints from before geometry did); then intensities
+  (``ct_window``: clip to (lo, hi) HU and scale to [0, 1]); training samples random
+  ``patch_size`` patches, inference runs on the whole volume by sliding window and maps
+  the class probabilities back onto the stored grid (``training.inference``).
+- Channels: ``channels`` records what the model was trained on (``"gray"`` or ``"rgb"``;
+  derived from ``in_channels``); ``gray_from`` says how inference turns an RGB image into
+  gray for a grayscale model (``"luminance"`` = ITU-R 601 weights as PIL's "L", or one
+  channel ``"red"|"green"|"blue"``, e.g. green for fundus photographs).
 
 Intensity modes: ``"minmax"`` (per image, all channels together, to [0, 1]; constant
 images become 0), ``"ct_window"``, ``"none"``.
@@ -34,6 +42,10 @@ import torch.nn.functional as F
 from training.data.errors import DataError
 
 INTENSITY_MODES = ("minmax", "ct_window", "none")
+CHANNEL_KINDS = ("gray", "rgb")
+GRAY_FROM = ("luminance", "red", "green", "blue")
+GEOMETRY_KEYS = ("orientation", "spacing")
+"""Preprocessing keys that checkpoints written before scanner geometry do not have."""
 _FG, _BG = "label_fg_indices", "label_bg_indices"
 
 
@@ -61,6 +73,10 @@ class Preprocessing:
         intensity: ``"minmax"``, ``"ct_window"`` or ``"none"``.
         ct_window: ``(lo, hi)`` in HU, required for ``"ct_window"``.
         in_channels: channels the model expects; other counts raise ``DataError``.
+        orientation: 3D canonical axis codes (``"RAS"``) or None (stored voxel order).
+        spacing: 3D target voxel size ``(x, y, z)`` in mm (canonical axes) or None.
+        channels: ``"gray"``/``"rgb"`` the model was trained on (None: from in_channels).
+        gray_from: how an RGB input becomes gray for a gray model (see module docstring).
     """
 
     spatial_dims: int
@@ -70,6 +86,10 @@ class Preprocessing:
     intensity: str = "minmax"
     ct_window: tuple[float, float] | None = None
     in_channels: int = 1
+    orientation: str | None = None
+    spacing: tuple[float, float, float] | None = None
+    channels: str | None = None
+    gray_from: str = "luminance"
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -98,6 +118,47 @@ class Preprocessing:
                              "(-1000, 1000)")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        self._post_init_geometry()
+
+    def _post_init_geometry(self) -> None:
+        if self.spatial_dims == 2 and (self.orientation or self.spacing):
+            raise ValueError(f"orientation/spacing are 3D options, got {self.orientation!r}, "
+                             f"{self.spacing} for 2D")
+        if self.orientation is not None:
+            self.orientation = str(self.orientation).upper()
+            from training.data.geometry import plan_geometry
+
+            plan_geometry((1, 1, 1), np.eye(4), self.orientation)  # validates the codes
+        if self.spacing is not None:
+            spacing = tuple(float(v) for v in self.spacing)
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise ValueError(f"spacing must be three positive voxel sizes in mm, got "
+                                 f"{self.spacing}")
+            self.spacing = spacing
+        if self.channels is None:
+            self.channels = {1: "gray", 3: "rgb"}.get(self.in_channels)
+        if self.channels is not None and self.channels not in CHANNEL_KINDS:
+            raise ValueError(f"channels must be one of {CHANNEL_KINDS} or None, got "
+                             f"{self.channels!r}")
+        if self.channels is not None and self.in_channels != {"gray": 1, "rgb": 3}[self.channels]:
+            raise ValueError(f"channels={self.channels!r} does not fit in_channels="
+                             f"{self.in_channels}")
+        if self.gray_from not in GRAY_FROM:
+            raise ValueError(f"gray_from must be one of {GRAY_FROM}, got {self.gray_from!r}")
+
+    @property
+    def uses_geometry(self) -> bool:
+        """True if 3D volumes are reoriented or resampled (needs their affine)."""
+        return self.spatial_dims == 3 and (self.orientation is not None
+                                           or self.spacing is not None)
+
+    def plan(self, shape: tuple[int, ...], affine: Any):
+        """``CanonicalGeometry`` of a stored 3D grid, or None (no geometry or no affine)."""
+        if not self.uses_geometry or affine is None:
+            return None
+        from training.data.geometry import plan_geometry
+
+        return plan_geometry(shape, affine, self.orientation, self.spacing)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (tuples as lists) for checkpoints."""
@@ -147,12 +208,24 @@ class Preprocessing:
         return F.interpolate(x[None], size=size, mode="bicubic", align_corners=False,
                              antialias=down)[0]
 
-    def _apply(self, image: torch.Tensor, label: torch.Tensor | None
+    def _apply(self, image: torch.Tensor, label: torch.Tensor | None, affine: Any = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """Deterministic part: image ``(C, *S)``, label ``(1, *S)`` -> model space."""
+        """Deterministic part: image ``(C, *S)``, label ``(1, *S)`` -> model space.
+
+        3D with an ``affine`` and geometry options: canonical orientation and spacing first
+        (``geometry["canonical"]`` holds the ``CanonicalGeometry``, else None).
+        """
         self._check_channels(image)
+        canonical = self.plan(tuple(image.shape[1:]), affine) if image.ndim == 4 else None
+        if canonical is not None:
+            from training.data.geometry import to_canonical
+
+            image = torch.from_numpy(to_canonical(image.numpy(), canonical))
+            if label is not None:
+                label = torch.from_numpy(to_canonical(label.numpy(), canonical, nearest=True))
         geometry: dict[str, Any] = {"spatial_dims": self.spatial_dims,
-                                    "original_shape": list(image.shape[1:])}
+                                    "original_shape": list(image.shape[1:]),
+                                    "canonical": canonical}
         if self.spatial_dims == 2:
             top, left, h, w = self._crop_box(tuple(image.shape[1:]))
             image = image[:, top:top + h, left:left + w]
@@ -164,10 +237,13 @@ class Preprocessing:
         return self._intensity(image.float()), label, geometry
 
     # -- inference ------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Image ``(C, *S)`` -> model input ``(C, *S')`` and the geometry to undo it."""
+    def prepare(self, image: np.ndarray | torch.Tensor, affine: Any = None
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Image ``(C, *S)`` (3D: with its 4x4 ``affine`` when known) -> model input
+        ``(C, *S')`` and the geometry to undo it (see ``restore``, and
+        ``training.data.geometry.labels_from_canonical`` for ``geometry["canonical"]``)."""
         tensor = torch.as_tensor(np.asarray(image, dtype=np.float32))
-        out, _, geometry = self._apply(tensor, None)
+        out, _, geometry = self._apply(tensor, None, affine)
         return out.contiguous(), geometry
 
     def restore(self, logits: torch.Tensor, geometry: dict[str, Any]) -> torch.Tensor:
@@ -175,6 +251,8 @@ class Preprocessing:
 
         2D: bilinear resize back to the crop, then the cropped-away border is filled with
         background logits (class 0 high, others low) so that argmax gives 0 there.
+        3D: returned as they are (model grid; with ``geometry["canonical"]`` the caller
+        maps probabilities back with ``training.data.geometry``).
         """
         batched = logits.ndim == self.spatial_dims + 2
         x = logits if batched else logits[None]
@@ -214,12 +292,13 @@ class SampleTransform:
 
     def deterministic(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = dict(sample)
+        affine = out.pop("affine", None)
         image = torch.as_tensor(np.asarray(sample["image"], dtype=np.float32))
         label = sample.get("label")
         if label is not None:
             label = torch.as_tensor(np.asarray(label)).float()
             label = label if label.ndim == image.ndim else label[None]
-        out["image"], label, _ = self.preprocessing._apply(image, label)
+        out["image"], label, _ = self.preprocessing._apply(image, label, affine)
         if label is None:
             out.pop("label", None)
             return out

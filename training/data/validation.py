@@ -13,6 +13,7 @@ from typing import Any
 
 from training.data.cases import SPLITS, Case, attribute_names
 from training.data.errors import DataError, first_lines
+from training.data.geometry import affine_mismatch, affines_match, axcodes
 from training.data.io import image_info, read_label
 
 
@@ -104,7 +105,7 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
         return summary
     _check_files_exist(cases, require_labels)
     problems: dict[str, list[str]] = {"unreadable": [], "dims": [], "shape": [],
-                                      "values": [], "range": []}
+                                      "affine": [], "values": [], "range": []}
     channels: dict[int, list[str]] = {}
     dims_seen: set[int] = set()
     max_label = 0
@@ -131,6 +132,10 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
             problems["shape"].append(f"case {case.id}: image {tuple(info['spatial_shape'])} vs "
                                      f"mask {tuple(label.shape)}")
             continue
+        mismatch = _affine_problem(case, info.get("affine"))
+        if mismatch:
+            problems["affine"].append(mismatch)
+            continue
         if label.size:
             low, high = int(label.min()), int(label.max())
             max_label = max(max_label, high)
@@ -149,6 +154,22 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
     return summary
 
 
+def _affine_problem(case: Case, image_affine: Any) -> str | None:
+    """A line naming the case and both orientations if image and mask affines differ."""
+    if image_affine is None:
+        return None
+    try:
+        label_affine = image_info(case.label, case.label_key).get("affine")
+    except DataError:
+        return None
+    if label_affine is None or affines_match(image_affine, label_affine):
+        return None
+    return (f"case {case.id}: image {case.image.name} is {axcodes(image_affine)}, mask "
+            f"{case.label.name} is {axcodes(label_affine)} ({axcodes(image_affine)} vs "
+            f"{axcodes(label_affine)}; corners/steps differ by up to "
+            f"{affine_mismatch(image_affine, label_affine):.3g} mm)")
+
+
 def _raise_problems(problems: dict[str, list[str]], num_classes: int | None,
                     spatial_dims: int | None) -> None:
     classes = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
@@ -157,6 +178,9 @@ def _raise_problems(problems: dict[str, list[str]], num_classes: int | None,
         "dims": f"image(s) are not {spatial_dims}D; check --spatial-dims",
         "shape": ("mask(s) have a different spatial shape than their image; resample each "
                   "mask onto its image's grid (nearest neighbour)"),
+        "affine": ("mask(s) are placed differently in the scanner than their image (affines "
+                   "differ); the mask would not overlap its image. Re-export each mask on its "
+                   "image's grid with the image's affine"),
         "values": "mask(s) cannot be used as class indices",
         "range": (f"mask(s) hold values outside {classes} (after remapping); fix the masks "
                   "or pass the right --classes"),

@@ -68,9 +68,15 @@ def prepare_data(config: FitConfig):
                             intensity="minmax", in_channels=in_channels)
     else:
         window = config.ct_window
+        orientation, spacing = config.orientation, config.spacing
+        if spacing is None:  # the training set's median spacing (None: no affines, e.g. .npy)
+            from ..data.geometry import training_spacing
+
+            spacing = training_spacing([c for c in cases if c.split == "train"], orientation)
         pre = Preprocessing(spatial_dims=3, patch_size=tuple(config.patch_size or (64, 64, 32)),
                             intensity="ct_window" if window else "minmax",
-                            ct_window=tuple(window) if window else None, in_channels=in_channels)
+                            ct_window=tuple(window) if window else None, in_channels=in_channels,
+                            orientation=orientation, spacing=spacing)
     return fmt, cases, class_names, vocabulary, pre
 
 
