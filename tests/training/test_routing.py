@@ -1,0 +1,97 @@
+"""training.routing: dataset-level routing statistics, JSON schema and figure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from training import routing as routing_cli
+from training.routing import js_divergence
+
+
+@pytest.fixture(scope="module")
+def fundus(tmp_path_factory):
+    from training.data import make_synthetic_dataset
+
+    return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=8, seed=5)
+
+
+def _checkpoint(path, moe: str):
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.data import Preprocessing
+    from training.networks import create_model
+
+    torch.manual_seed(1)
+    model = create_model("transunet", preset="tiny", in_channels=1, out_channels=3, moe=moe,
+                         num_attributes=3, img_size=32, depth=2)
+    with torch.no_grad():  # routers start at zero (all ties): give each one its own weights
+        for name, param in model.named_parameters():
+            if name.endswith("w_gate"):
+                param.normal_(0.0, 1.0)
+    race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
+    save_checkpoint(model, path, class_names=["background", "rim", "cup"], attribute=race,
+                    preprocessing=Preprocessing(spatial_dims=2, image_size=(32, 32),
+                                                in_channels=1).to_dict())
+    return path
+
+
+@pytest.fixture(scope="module", params=["dmoe", "moe"])
+def report(request, fundus, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = _checkpoint(root / "model.safetensors", request.param)
+    out = root / "out"
+    result = routing_cli.main(["--checkpoint", str(ckpt), "--data", str(fundus),
+                               "--split", "all", "--out", str(out)])
+    return request.param, out, result.stats
+
+
+def test_json_schema_sums_and_symmetry(report):
+    _, out, stats = report
+    assert (out / "routing.png").stat().st_size > 1000
+    on_disk = json.loads((out / "routing.json").read_text())
+    assert on_disk == json.loads(json.dumps(stats))
+    assert set(on_disk) == {"layers"} and on_disk["layers"]
+    for layer in on_disk["layers"].values():
+        assert set(layer) == {"groups", "js_divergence"}
+        groups = layer["groups"]
+        assert len(groups) >= 2
+        for name, g in groups.items():
+            assert set(g) == {"n_tokens", "top1_usage", "gate_mass", "entropy", "unused",
+                              "switch_fraction"}
+            assert g["n_tokens"] > 0
+            assert sum(g["top1_usage"]) == pytest.approx(1.0)
+            assert sum(g["gate_mass"]) == pytest.approx(1.0)
+            experts = len(g["top1_usage"])
+            assert 0 <= g["entropy"] <= np.log2(experts) + 1e-9
+            assert g["unused"] == [e + 1 for e, u in enumerate(g["top1_usage"]) if u == 0]
+            assert name not in g["switch_fraction"]
+            assert set(g["switch_fraction"]) == {"Asian", "Black", "White", "unknown"} - {name}
+            assert all(0 <= x <= 1 for x in g["switch_fraction"].values())
+        js = layer["js_divergence"]
+        assert len(js) == len(groups) * (len(groups) - 1)
+        for key, value in js.items():
+            a, b = key.split("|")
+            assert js[f"{b}|{a}"] == pytest.approx(value)
+            assert 0 <= value <= 1
+
+
+def test_switch_fraction_is_zero_only_when_the_attribute_cannot_matter(report):
+    moe, _, stats = report
+    fractions = [x for layer in stats["layers"].values() for g in layer["groups"].values()
+                 for x in g["switch_fraction"].values()]
+    if moe == "moe":  # one shared router: swapping the attribute changes nothing
+        assert max(fractions) == 0.0
+    else:  # one router per value: the experts switch somewhere
+        assert max(fractions) > 0.0
+
+
+def test_js_divergence_bounds():
+    p = np.array([1.0, 0.0])
+    assert js_divergence(p, p) == 0.0
+    assert js_divergence(p, np.array([0.0, 1.0])) == pytest.approx(1.0)
+    q = np.array([0.3, 0.7])
+    assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
