@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.fit", description=__doc__.split("\n")[0],
         epilog="Several processes/GPUs: torchrun --standalone --nproc_per_node=N -m "
                "training.fit ... (--batch-size is per process). Exit codes: 2 bad settings or "
-               "unusable resume files, 3 non-finite loss, 143/130 stopped by SIGTERM/SIGINT "
-               "(rerun with --resume).")
+               "unusable resume files, 3 non-finite loss, 4 an output could not be written (disk "
+               "full), 143/130 stopped by SIGTERM/SIGINT (rerun with --resume).")
     add_config_argument(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="manifest.csv or a dataset folder (FairSeg, HAM10000)")
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume-fallback", default="refuse", choices=["refuse", "best", "fresh"],
                    help="if the last pair is damaged: refuse (default), restart from "
                         "best.safetensors, or start over")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints and history are "
+                        "deleted); without it or --resume such a folder is refused")
     return p
 
 
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> FitResult:
     parser = build_parser()
     args = parse_with_config(parser, argv, required=("data",))
     from .data import DataError
+    from .checkpoint import CheckpointWriteError
     from .engine import NonFiniteLoss, TrainingInterrupted
 
     main_rank = os.environ.get("RANK", "0") == "0"  # other torchrun ranks stay silent
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> FitResult:
         stop(exc.exit_code, f"{exc}\n")
     except (DataError, ValueError) as exc:
         stop(2, f"error: {exc}\n")
+    except CheckpointWriteError as exc:  # disk full: the files of the last epoch are kept
+        stop(4, f"error: {exc}\n")
 
 
 if __name__ == "__main__":

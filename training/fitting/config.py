@@ -57,6 +57,7 @@ class FitConfig:
     grad_checkpoint: bool = False
     resume: bool = False
     resume_fallback: str = "refuse"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "val_every"):
@@ -71,6 +72,9 @@ class FitConfig:
             raise ValueError(f"--spatial-dims must be 2 or 3, got {self.spatial_dims}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: --resume continues "
+                             "the run in --out, --overwrite replaces it")
         if self.resume_fallback not in ("refuse", "best", "fresh"):
             raise ValueError("--resume-fallback must be refuse, best or fresh, got "
                              f"{self.resume_fallback!r}")
@@ -116,7 +120,7 @@ class FitResult:
 # the optimisation trajectory); every other setting must match.
 RESUMABLE = frozenset({"data", "out", "epochs", "patience", "val_every", "quiet", "workers",
                        "device", "precision", "compile", "grad_checkpoint", "description"})
-RUN_CONTROL = ("resume", "resume_fallback")
+RUN_CONTROL = ("resume", "resume_fallback", "overwrite")
 
 
 def saved_config(config: FitConfig) -> dict[str, Any]:

@@ -42,9 +42,9 @@ class CheckpointSaver:
             loss=loss_fn.state_dict() or None, rng={"ranks": rngs},
             world_size=self.info.world_size,
         )  # fmt: skip
+        # writes the state, last.safetensors and history.csv (each atomic, in that order)
         save_last_pair(self.out, self.model, state, **self.metadata,
                        provenance={**self.provenance, "epochs": run.epoch})
-        write_history(self.out / "history.csv", run.history)
 
 
 def kept_message(problem: str, out: Path, completed: int) -> str:

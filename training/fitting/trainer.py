@@ -31,10 +31,22 @@ def fit(config: FitConfig) -> FitResult:
     from ..distributed import setup_distributed, teardown_distributed
     from ..inference import resolve_device
 
+    from ..engine import TrainingLog
+    from ..run_folder import open_shared_run_folder
+
     seed_everything(config.seed)
     info = setup_distributed(resolve_device(config.device))
     try:
-        return _run(config, info)
+        # refuse to replace a run, lock --out, remove temp files of killed writes
+        folder = open_shared_run_folder(config.out, resume=config.resume,
+                                        overwrite=config.overwrite)
+        try:
+            for note in folder.notes if folder else []:
+                TrainingLog(config.quiet)(f"{config.out}: {note}")
+            return _run(config, info)
+        finally:
+            if folder is not None:
+                folder.close()
     finally:
         if info.distributed:
             teardown_distributed()
