@@ -6,10 +6,13 @@ Axis and geometry convention (shared by the reader, the writer and the widget):
   ``(X, Y, Z)`` (nibabel's voxel order i, j, k, never reoriented) becomes the layer
   ``(Z, Y, X)``: the NIfTI axes reversed. 2D NIfTI ``(X, Y)`` or ``(X, Y, 1)`` becomes
   ``(Y, X)``.
-- ``scale`` is the voxel spacing reversed (header zooms) and ``translate`` the affine's
-  origin (``affine[:3, 3]``) reversed; ``units`` come from the header (mm by default).
-  Flips and rotations in the affine are *not* applied on screen (the volume is shown in
-  voxel order, like a "voxel view"); they are kept, exactly, in the layer metadata::
+- ``scale`` is the voxel spacing reversed (3D: the affine's column lengths) and
+  ``translate`` the affine's origin (``affine[:3, 3]``) reversed; ``units`` come from the
+  header (mm by default). 3D layers also get the affine's direction cosines (rotation,
+  flips, axis permutation) as the layer ``affine`` (``scanner_rotation``, identity for
+  RAS-aligned volumes), so napari's world coordinates are the scanner's RAS millimetres
+  in ``(S, A, R)`` order, whatever the file's voxel order. The source geometry is also
+  kept, exactly, in the layer metadata::
 
       metadata["napari_dmoe"] = {"axes": "zyx", "affine": (4, 4) array,
                                  "nifti_header": bytes, "nifti_shape": (X, Y[, Z]),
@@ -18,11 +21,17 @@ Axis and geometry convention (shared by the reader, the writer and the widget):
   so the writer transposes back with ``(2, 1, 0)`` and writes the source affine and header,
   and the widget hands the model its training order ``(X, Y, Z)``.
 - TIFF stacks are already ``(Z, Y, X)`` (tifffile's order); ImageJ ``spacing`` and the
-  X/Y resolution tags become ``scale``. 3D TIFFs also carry ``axes = "zyx"``.
+  X/Y resolution tags become ``scale``, ImageJ ``xorigin``/``yorigin``/``zorigin`` (pixels)
+  ``translate``, and a ``napari_dmoe_affine`` (written by our TIFF writer) the layer
+  ``affine``. 3D TIFFs also carry ``axes = "zyx"``.
 - FairSeg ``.npz``: the fundus image, a Labels layer "<case> ground truth" (0/1/2 =
   background/rim/cup, remapped from 0/-1/-2) and the patient's attributes, mapped to names
   (shared/DATA_FORMATS.md §2; unknown codes -> ``"unknown"``), in
   ``metadata["napari_dmoe"]["attributes"]``.
+
+- DICOM series (a folder, or ``.dcm`` files of it): one Image layer per series, named by
+  its SeriesDescription, read in NIfTI voxel order with its RAS affine and placed like the
+  same volume stored as NIfTI; ``dicom_source``/``dicom_series_uid`` in the metadata.
 
 Integer files whose name says ``label``, ``seg``, ``mask`` or ``gt`` (or a NIfTI with the
 label intent, or a TIFF written by this plugin) open as Labels layers.
@@ -30,6 +39,7 @@ label intent, or a TIFF written by this plugin) open as Labels layers.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +55,8 @@ FAIRSEG_IMAGE_KEYS = ("slo_fundus", "fundus_slo")
 FAIRSEG_LABEL_KEYS = ("disc_cup_mask", "disc_cup")
 FAIRSEG_CLASSES = ["background", "rim", "cup"]
 TIFF_LABEL_TAG = "napari_dmoe:labels"
+TIFF_AFFINE_KEY = "napari_dmoe_affine"
+"""ImageJ metadata key holding a layer's ``affine`` (JSON) in TIFFs written by the plugin."""
 _LABEL_NAME = re.compile(r"(^|[^a-z])(label|labels|seg|segmentation|mask|gt)([^a-z]|$)")
 _NIFTI_UNITS = {"mm": "mm", "meter": "m", "micron": "um"}
 _TIFF_UNITS = {"micron": "um", "\\u00B5m": "um", "µm": "um", "um": "um", "mm": "mm",
@@ -53,8 +65,11 @@ _TIFF_UNITS = {"micron": "um", "\\u00B5m": "um", "µm": "um", "um": "um", "mm": 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
     """npe2 reader hook: a reader function for our formats, else None."""
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
-    if not paths or any(_reader_for(p) is None for p in paths):
+    try:
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        if not paths or any(_reader_for(p) is None for p in paths):
+            return None
+    except Exception:  # noqa: BLE001 - a reader hook must never raise
         return None
     return read_paths
 
@@ -63,17 +78,25 @@ def read_paths(path: str | list[str]) -> list[LayerData]:
     """Read one or several files into layer data tuples."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     out: list[LayerData] = []
+    dicom = []
     for p in paths:
         reader = _reader_for(p)
         if reader is None:
-            raise ValueError(f"{p}: napari-dmoe reads .nii, .nii.gz, .tif, .tiff and "
-                             "Harvard-FairSeg .npz files")
-        out += reader(p)
-    return out
+            raise ValueError(f"{p}: napari-dmoe reads .nii, .nii.gz, .tif, .tiff, DICOM "
+                             "series (a folder or .dcm files) and Harvard-FairSeg .npz files")
+        if reader is read_dicom:
+            dicom.append(p)  # several files of one series open it once
+        else:
+            out += reader(p)
+    return out + (read_dicom(dicom) if dicom else [])
 
 
 def _reader_for(path: str | Path) -> Callable[[str | Path], list[LayerData]] | None:
     suffix = file_suffix(path)
+    if suffix == ".dcm" or Path(path).is_dir():
+        from training.data.dicom_series import is_dicom_path  # light: numpy only
+
+        return read_dicom if is_dicom_path(path) else None
     if suffix in (".nii", ".nii.gz"):
         return read_nifti
     if suffix in (".tif", ".tiff"):
@@ -92,7 +115,11 @@ def read_nifti(path: str | Path) -> list[LayerData]:
     """One Image or Labels layer from a NIfTI file (convention: module docstring)."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    return nifti_image_layers(nib.load(str(path)), path)
+
+
+def nifti_image_layers(img: Any, path: str | Path) -> list[LayerData]:
+    """Layers of a nibabel image, from a file or in memory (a DICOM series, ``read_dicom``)."""
     data = np.asanyarray(img.dataobj)
     if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C): drop the time axis
         data = data.reshape(data.shape[:3] + data.shape[4:])
@@ -104,6 +131,8 @@ def read_nifti(path: str | Path) -> list[LayerData]:
     zooms = [_tidy(z) for z in img.header.get_zooms()[:spatial]]
     origin = [_tidy(v) for v in np.asarray(img.affine)[:spatial, 3]]
     extra = data.ndim - spatial
+    if spatial == 3:  # scale from the affine's columns, so scale + rotation give the affine
+        zooms = [_tidy(z) for z in np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0)]
     # spatial axes reversed; any extra (channel/time) axes go first
     order = tuple(range(spatial, data.ndim)) + tuple(reversed(range(spatial)))
     layer = np.ascontiguousarray(np.transpose(data, order))
@@ -124,9 +153,32 @@ def read_nifti(path: str | Path) -> list[LayerData]:
         "units": ["pixel"] * extra + [unit] * spatial,
         "metadata": {META: meta},
     }
+    if spatial == 3:
+        kwargs["affine"] = scanner_rotation(img.affine, extra)
     if is_labels:
         return [(layer.astype(_label_dtype(layer), copy=False), kwargs, "labels")]
     return [(layer, kwargs, "image")]
+
+
+def scanner_rotation(affine: Any, extra: int = 0) -> np.ndarray:
+    """Layer ``affine`` that turns the voxel-order display into scanner coordinates.
+
+    With ``scale`` = voxel sizes and ``translate`` = origin (both reversed to napari's
+    ``(z, y, x)``), napari's world point is ``affine @ (translate + scale * index)``; this
+    affine applies the NIfTI direction cosines (rotation, flips, axis permutation; reversed
+    axes) about the origin, so world = the NIfTI affine's RAS millimetres in ``(S, A, R)``
+    order and the cursor reads patient millimetres. Identity for RAS-aligned volumes.
+    ``extra`` leading (channel/time) axes are left alone. Returns ``(n+1, n+1)``.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    reverse = np.eye(3)[::-1]
+    direction = reverse @ (a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0)) @ reverse
+    origin = reverse @ a[:3, 3]
+    n = extra + 3
+    out = np.eye(n + 1)
+    out[extra:n, extra:n] = direction
+    out[extra:n, n] = origin - direction @ origin
+    return out
 
 
 def _tidy(x: float) -> float:
@@ -137,6 +189,58 @@ def _label_dtype(data: np.ndarray) -> np.dtype:
     if data.dtype.kind in "iu":
         return data.dtype
     return np.dtype(np.int32)
+
+
+# -- DICOM --------------------------------------------------------------------------------
+def read_dicom(path: str | Path | list[str | Path]) -> list[LayerData]:
+    """One Image layer per DICOM series: a folder (every series in it) or files (theirs).
+
+    The series (``training.data.dicom.read_series``: HU, NIfTI voxel order, RAS affine) is
+    placed exactly like a NIfTI file holding the same volume (``nifti_image_layers``),
+    named by its SeriesDescription; ``metadata["napari_dmoe"]`` adds ``dicom_source`` (the
+    folder) and ``dicom_series_uid``, which the DICOM-SEG / RTSTRUCT writers need. A series
+    that cannot be read is reported (warning) while the others open; if none opens, the
+    first problem is raised.
+    """
+    import warnings
+
+    import nibabel as nib
+
+    from training.data.dicom import DicomError, find_series, read_series
+
+    paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    series, seen = [], set()
+    for folder in dict.fromkeys(p if p.is_dir() else p.parent for p in paths):
+        files = {p for p in paths if not p.is_dir() and p.parent == folder}
+        for info in find_series(folder):
+            wanted = folder in paths or files & set(info.files)
+            if wanted and info.series_instance_uid not in seen:
+                seen.add(info.series_instance_uid)
+                series.append(info)
+    layers, problems = [], []
+    for info in series:
+        try:
+            volume = read_series(info.folder, info.series_instance_uid)
+        except DicomError as exc:
+            problems.append(exc)
+            continue
+        img = nib.Nifti1Image(volume.array, volume.affine)
+        img.header.set_xyzt_units("mm", "sec")
+        img.set_qform(volume.affine, code=1)  # scanner coordinates
+        img.set_sform(volume.affine, code=1)
+        (data, kwargs, _), = nifti_image_layers(img, info.folder)
+        kwargs["name"] = volume.description
+        kwargs["metadata"][META].update(
+            source=str(info.folder), dicom_source=str(info.folder),
+            dicom_series_uid=volume.series_instance_uid, dicom_modality=volume.modality)
+        if volume.modality == "CT":
+            kwargs["contrast_limits"] = [-160.0, 240.0]  # soft-tissue window (HU)
+        layers.append((data.astype(np.float32, copy=False), kwargs, "image"))
+    if problems and not layers:
+        raise problems[0]
+    for exc in problems:
+        warnings.warn(str(exc), stacklevel=2)
+    return layers
 
 
 # -- TIFF ---------------------------------------------------------------------------------
@@ -158,12 +262,20 @@ def read_tiff(path: str | Path) -> list[LayerData]:
     scale[-1], scale[-2] = xres, yres
     if spatial >= 3 and "spacing" in ij:
         scale[-3] = float(ij["spacing"])
+    # ImageJ calibration origin is in pixels: world = (index - origin) * pixel size
+    keys = ("zorigin", "yorigin", "xorigin")[-min(spatial, 3):]
+    translate = [0.0] * (spatial - len(keys)) + [
+        -float(ij.get(key, 0.0) or 0.0) * s for key, s in zip(keys, scale[-len(keys):])]
     tagged = ij.get("Info") == TIFF_LABEL_TAG
     is_labels = not rgb and (tagged or _looks_like_labels(path, data.dtype))
     meta: dict[str, Any] = {"source": str(path), "tiff_axes": axes}
     if spatial == 3:
         meta["axes"] = "zyx"
     kwargs: dict[str, Any] = {"name": file_stem(path), "scale": scale, "metadata": {META: meta}}
+    if any(translate):
+        kwargs["translate"] = translate
+    if TIFF_AFFINE_KEY in ij:
+        kwargs["affine"] = np.asarray(json.loads(ij[TIFF_AFFINE_KEY]), dtype=np.float64)
     if unit != "pixel":
         kwargs["units"] = [unit] * spatial
     if is_labels:

@@ -8,17 +8,24 @@ affine is built from the layer's ``scale`` and ``translate``. The header's inten
 to "label" so the file opens as a Labels layer again.
 
 TIFF: an ImageJ hyperstack (uint8 or uint16) with the X/Y pixel size as resolution tags and
-the Z spacing and unit in the ImageJ metadata, tagged so that it reopens as Labels.
+the Z spacing, unit and origin (``xorigin``/``yorigin``/``zorigin``, ImageJ's calibration
+in pixels) in the ImageJ metadata, plus the layer's scanner rotation (``napari_dmoe_affine``,
+JSON) when it has one, tagged so that it reopens as Labels in the same place.
+
+DICOM-SEG / RTSTRUCT (``.dcm``): only for layers whose image came from a DICOM series
+(``dicom_source`` in the metadata); ``training.data.dicom`` writes them, referencing the
+source series, with the model and the attribute value used (``segmented_as``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._reader import META, TIFF_LABEL_TAG, file_suffix
+from ._reader import META, TIFF_AFFINE_KEY, TIFF_LABEL_TAG, file_suffix
 
 _UNIT_TO_NIFTI = {"mm": "mm", "millimeter": "mm", "m": "meter", "meter": "meter",
                   "um": "micron", "micrometer": "micron", "micron": "micron"}
@@ -90,13 +97,32 @@ def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list
 
 
 def _affine_from_layer(attributes: dict[str, Any], ndim: int) -> np.ndarray:
-    """NIfTI affine from the layer's (reversed) last three scale/translate entries."""
+    """NIfTI affine from the layer's (reversed) last three scale/translate entries and,
+    for 3D layers, the rotation of the layer ``affine`` (``_reader.scanner_rotation``)."""
     scale = list(attributes.get("scale") or [1.0] * ndim)[::-1][:3]
     translate = list(attributes.get("translate") or [0.0] * ndim)[::-1][:3]
     affine = np.eye(4)
     for i, (s, t) in enumerate(zip(scale, translate)):
         affine[i, i], affine[i, 3] = float(s), float(t)
+    layer_affine = _layer_affine(attributes, ndim)
+    if ndim >= 3 and layer_affine is not None:
+        world = np.eye(4)  # the layer's last three axes, reversed to NIfTI (x, y, z) order
+        world[:3, :3] = layer_affine[-4:-1, -4:-1][::-1, ::-1]
+        world[:3, 3] = layer_affine[-4:-1, -1][::-1]
+        affine = world @ affine
     return affine
+
+
+def _layer_affine(attributes: dict[str, Any], ndim: int) -> np.ndarray | None:
+    """The layer's ``affine`` as an ``(ndim+1, ndim+1)`` array, None if absent/identity."""
+    value = attributes.get("affine")
+    value = getattr(value, "affine_matrix", value)
+    if value is None:
+        return None
+    matrix = np.asarray(value, dtype=np.float64)
+    if matrix.shape != (ndim + 1, ndim + 1) or np.allclose(matrix, np.eye(ndim + 1)):
+        return None
+    return matrix
 
 
 def write_labels_tiff(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -121,6 +147,68 @@ def write_labels_tiff(path: str, data: Any, attributes: dict[str, Any]) -> list[
         metadata["unit"] = unit
     if labels.ndim == 3:
         metadata["spacing"] = scale[0]
+    # origin: ImageJ calibration keys (in pixels: world = (index - origin) * pixel size)
+    translate = [float(t) for t in (attributes.get("translate") or [0.0] * labels.ndim)]
+    for key, t, s in zip(("zorigin", "yorigin", "xorigin")[3 - labels.ndim:], translate, scale):
+        if t:
+            metadata[key] = -t / s
+    layer_affine = _layer_affine(attributes, labels.ndim)
+    if layer_affine is not None:  # scanner rotation of 3D layers (_reader.scanner_rotation)
+        metadata[TIFF_AFFINE_KEY] = json.dumps(layer_affine.tolist())
     tifffile.imwrite(str(out), array, imagej=True,
                      resolution=(1.0 / scale[-1], 1.0 / scale[-2]), metadata=metadata)
     return [str(out)]
+
+
+# -- DICOM ------------------------------------------------------------------------------
+def _dicom_write(kind: str, path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """Labels ``(Z, Y, X)`` -> DICOM-SEG or RTSTRUCT over the layer's source DICOM series."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from training.data.dicom import DicomError, read_series, write_dicom_seg, write_rtstruct
+
+    out = _with_suffix(path, (".dcm",), ".dcm")
+    labels = _check_labels(data, out)
+    metadata = attributes.get("metadata") or {}
+    meta = metadata.get(META) or {}
+    source = meta.get("dicom_source") or metadata.get("dicom_source")
+    what = "DICOM-SEG" if kind == "seg" else "RTSTRUCT"
+    if not source:
+        origin = meta.get("source") or "this layer's image"
+        raise DicomError(f"{out}: a {what} must reference the DICOM series its image came "
+                         f"from, but {origin} is not a DICOM series; save as NIfTI or TIFF, "
+                         "or open the DICOM series folder, segment it and save that.")
+    volume = read_series(source, meta.get("dicom_series_uid"), pixels=False)
+    array = np.transpose(labels, tuple(reversed(range(labels.ndim))))  # -> (X, Y[, Z])
+    if array.ndim == 2:
+        array = array[:, :, None]
+    names = list(meta.get("class_names") or [])
+    high = int(labels.max()) if labels.size else 0
+    if len(names) <= high:
+        names = ["background"] + [f"class {i}" for i in range(1, high + 1)]
+    segmented_as = meta.get("segmented_as") or {}
+    attribute, value = next(iter(segmented_as.items()), (None, None))
+    try:
+        software = f"napari-dmoe {version('napari-dmoe')}"
+    except PackageNotFoundError:
+        software = "napari-dmoe"
+    model = str(meta.get("model") or attributes.get("name") or "napari-dmoe")
+    writer = write_dicom_seg if kind == "seg" else write_rtstruct
+    written = writer(array, volume, names, out, algorithm_name=model,
+                     algorithm_version=software, attribute=attribute, attribute_value=value)
+    return [str(written)]
+
+
+def write_labels_dicom_seg(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: Labels -> DICOM Segmentation referencing the source series.
+
+    The layer must come from a DICOM series (``metadata["napari_dmoe"]["dicom_source"]``,
+    set by the reader and copied to segmentations by the widget); one segment per
+    foreground class (``class_names`` in the metadata). Never overwrites a file.
+    """
+    return _dicom_write("seg", path, data, attributes)
+
+
+def write_labels_rtstruct(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: Labels -> RT Structure Set (one ROI per class, LPS mm)."""
+    return _dicom_write("rtstruct", path, data, attributes)
