@@ -334,3 +334,16 @@ def test_predict_series_folder_to_dicom_seg(tmp_path, capsys):
         main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "ct.nii.gz"),
               "--out", str(tmp_path / "bad"), "--output-format", "rtstruct"])
     assert "not a DICOM series" in capsys.readouterr().err
+
+
+def test_mixed_orientation_and_duplicate_positions(tmp_path):
+    files = write_ct_series(hu_volume(), tmp_path / "a", np.diag([-1.0, -1.0, 2.0, 1.0]))
+    ds = pydicom.dcmread(files[5])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal slice in an axial series
+    ds.save_as(files[5])
+    with pytest.raises(DicomError, match="mixes slice orientations.*slice_0005.dcm"):
+        read_series(tmp_path / "a")
+    files = write_ct_series(hu_volume(), tmp_path / "b", np.diag([-1.0, -1.0, 2.0, 1.0]))
+    _move_slice(files[5], (0, 0, -2.0))  # now at slice 4's position
+    with pytest.raises(DicomError, match="two slices at the same position"):
+        read_series(tmp_path / "b")
