@@ -47,7 +47,8 @@ def usage_table(layer_name: str, class_names: Sequence[str],
                 usage: Sequence[Sequence[float]]) -> str:
     """Share of each predicted class's grid cells routed (top-1) to each expert.
 
-    Experts are rows (only those used), classes columns: narrow enough for a dock widget.
+    Experts are rows (only those used, numbered from 1: E1 is label 1 in the expert
+    map), classes columns: narrow enough for a dock widget.
     """
     present = [k for k, row in enumerate(usage) if any(row)]
     n = len(usage[0]) if usage else 0
@@ -60,7 +61,7 @@ def usage_table(layer_name: str, class_names: Sequence[str],
             v = usage[k][e]
             best = v > 0 and v == max(usage[k])
             cells.append(f"<b>{v:.0%}</b>" if best else (f"{v:.0%}" if v else "·"))
-        rows.append([f"E{e}", *cells])
+        rows.append([f"E{e + 1}", *cells])
     note = f"unused experts: {n - len(rows)} of {n}" if len(rows) < n else ""
     return _table(f"Expert usage · {layer_name}",
                   ["expert", *[class_names[k] for k in present]], rows, note)
@@ -99,3 +100,22 @@ def _number(x: float) -> str:
 def message(text: str, colour: str = "gray") -> str:
     """A one-line coloured paragraph."""
     return f"<p style='color:{colour}'>{escape(text)}</p>"
+
+
+def swatches(items: Sequence[tuple[str, str]], title: str = "") -> str:
+    """A legend: coloured squares (``#rrggbb``) with their names, four per row."""
+    cells = [f"<td class='l'><span style='color:{colour}'>&#9632;</span> {escape(name)}</td>"
+             for name, colour in items]
+    rows = "".join("<tr>" + "".join(cells[i:i + 4]) + "</tr>" for i in range(0, len(cells), 4))
+    head = f"<h4>{escape(title)}</h4>" if title else ""
+    return f"{head}<table>{rows}</table>"
+
+
+def switch_table(patient: str, others: Sequence[str],
+                 rows: Mapping[str, Sequence[float]]) -> str:
+    """Share of routing cells whose top-1 expert changes when the patient's value is
+    swapped for another value (rows: dMoE layers, columns: values)."""
+    body = [[escape(layer), *[f"{v:.0%}" for v in values]] for layer, values in rows.items()]
+    return _table(f"Experts switched vs '{patient}'", ["dMoE layer", *others], body,
+                  "switch maps: number of values that change the top-1 expert (magma); "
+                  "0% everywhere means the attribute does not change the routing")

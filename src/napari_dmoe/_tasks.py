@@ -81,33 +81,156 @@ def preselect_value(metadata: dict[str, Any] | None, attribute: str | None,
 
 
 # -- running ------------------------------------------------------------------------------
+@dataclass
+class RunOutput:
+    """What a run hands back: the values that finished and whether it was cancelled.
+
+    ``results`` maps attribute value -> ``SegmentationResult`` for every value that
+    finished before a cancel (a cancelled Compare keeps its finished values).
+    """
+
+    results: dict[str, Any]
+    cancelled: bool = False
+
+
+@dataclass
+class RunOptions:
+    """How to run one image (all optional).
+
+    Attributes:
+        channel_axis: where the image's channels are (None: no channel axis).
+        return_routing / return_probabilities: passed to ``Segmenter.segment``.
+        region: 2D only, ``(row0, row1, col0, col1)`` in image pixels: segment that crop
+            and paste the result into a full-size mask (background elsewhere).
+        slices: a 2D model on a 3D stack ``(Z, Y, X[, C])``: segment slice by slice.
+    """
+
+    channel_axis: int | None = None
+    return_routing: bool = False
+    return_probabilities: bool = False
+    region: tuple[int, int, int, int] | None = None
+    slices: bool = False
+
+
 def segment_steps(segmenter: Any, image: np.ndarray, values: Sequence[str], *,
                   channel_axis: int | None = None, return_routing: bool = False,
+                  options: RunOptions | None = None,
                   cancel: threading.Event | None = None, poll: float = 0.05,
-                  ) -> Generator[Progress, None, dict[str, Any]]:
+                  ) -> Generator[Progress, None, RunOutput]:
     """Segment ``image`` under each attribute value, yielding progress.
 
-    Returns (as the generator's return value) ``{value: SegmentationResult}``. Raises
-    ``training.inference.Cancelled`` when ``cancel`` is set during a run, and whatever
-    ``segment`` raises (``ValueError`` for images that do not fit the model).
+    Returns (as the generator's return value) a :class:`RunOutput`; a cancel (the event
+    set, or ``training.inference.Cancelled`` from the model) ends the generator normally
+    with ``cancelled=True`` and the values already finished, so a Qt worker running it
+    always reaches ``returned`` and ``finished``. Other errors (``ValueError`` for
+    images that do not fit the model) propagate.
     """
+    from ._compat import prepare_torch
+
+    prepare_torch()
+    from training.inference import Cancelled
+
+    options = options or RunOptions(channel_axis=channel_axis, return_routing=return_routing)
     cancel = cancel or threading.Event()
     results: dict[str, Any] = {}
     for run, value in enumerate(values, start=1):
+        if cancel.is_set():
+            return RunOutput(results, cancelled=True)
         yield Progress(0, 0, value, run, len(values))
 
         def call(progress, should_cancel, value=value):
-            return segmenter.segment(image, value, channel_axis=channel_axis,
-                                     return_routing=return_routing, progress=progress,
-                                     should_cancel=should_cancel)
+            return segment_one(segmenter, image, value, options, progress, should_cancel)
 
-        results[value] = yield from _in_thread(call, cancel, value, run, len(values), poll)
-    return results
+        try:
+            results[value] = yield from run_in_thread(call, cancel, value, run, len(values),
+                                                   poll)
+        except Cancelled:
+            return RunOutput(results, cancelled=True)
+    return RunOutput(results, cancelled=cancel.is_set() and len(results) < len(values))
 
 
-def _in_thread(call: Callable[..., Any], cancel: threading.Event, value: str, run: int,
+def segment_one(segmenter: Any, image: np.ndarray, value: str, options: RunOptions,
+                progress: Callable[[int, int], None] | None = None,
+                should_cancel: Callable[[], bool] | None = None) -> Any:
+    """One ``Segmenter.segment`` call with the region / slice-by-slice options applied."""
+    kwargs: dict[str, Any] = {"channel_axis": options.channel_axis,
+                              "return_routing": options.return_routing,
+                              "progress": progress, "should_cancel": should_cancel}
+    if options.return_probabilities:
+        kwargs["return_probabilities"] = True
+    if options.slices:
+        return _segment_slices(segmenter, image, value, kwargs)
+    if options.region is None:
+        return segmenter.segment(image, value, **kwargs)
+    r0, r1, c0, c1 = (int(v) for v in options.region)
+    result = segmenter.segment(np.asarray(image)[r0:r1, c0:c1], value, **kwargs)
+    return paste_region(result, np.shape(image)[:2], (r0, c0))
+
+
+def paste_region(result: Any, shape: tuple[int, int], origin: tuple[int, int]) -> Any:
+    """Put a crop's result back into a full-size ``shape`` mask at ``origin`` (row, col).
+
+    Labels outside the crop are background; probabilities there are 1 for background;
+    routing grids are shifted so they keep covering the crop's pixels.
+    """
+    from dataclasses import replace
+
+    r0, c0 = origin
+    h, w = np.shape(result.labels)
+    labels = np.zeros(shape, dtype=np.asarray(result.labels).dtype)
+    labels[r0:r0 + h, c0:c0 + w] = result.labels
+    probs = None
+    if result.probabilities is not None:
+        k = result.probabilities.shape[0]
+        probs = np.zeros((k, *shape), dtype=result.probabilities.dtype)
+        probs[0] = 1.0
+        probs[:, r0:r0 + h, c0:c0 + w] = result.probabilities
+    routing = [replace(m, grid_offset=(m.grid_offset[0] + r0, m.grid_offset[1] + c0))
+               for m in result.routing]
+    return replace(result, labels=labels, probabilities=probs, routing=routing)
+
+
+def _segment_slices(segmenter: Any, stack: np.ndarray, value: str, kwargs: dict[str, Any]
+                    ) -> Any:
+    """A 2D model over a stack in *model* order: slices along the last spatial axis.
+
+    ``model_input`` has already turned the layer ``(Z, Y, X)`` into ``(X, Y, Z)``, so the
+    slices are ``stack[:, :, z]`` (transposed back to ``(Y, X)`` for the model, which
+    sees each slice as the layer shows it). No routing maps for stacks.
+    """
+    from dataclasses import replace
+
+    stack = np.asarray(stack)
+    rgb = kwargs["channel_axis"] is not None
+    n = stack.shape[2]
+    progress, cancel = kwargs.pop("progress"), kwargs["should_cancel"] or (lambda: False)
+    kwargs = {**kwargs, "return_routing": False, "progress": None}
+    labels, probs, seconds, last = [], [], 0.0, None
+    for z in range(n):
+        if cancel():
+            from training.inference import Cancelled
+
+            raise Cancelled(f"cancelled after {z} of {n} slices")
+        plane = stack[:, :, z]
+        plane = np.transpose(plane, (1, 0, 2) if rgb else (1, 0))
+        last = segmenter.segment(plane, value, **kwargs)
+        labels.append(np.asarray(last.labels).T)  # (Y, X) -> (X, Y)
+        if last.probabilities is not None:
+            probs.append(np.swapaxes(last.probabilities, 1, 2))
+        seconds += last.seconds
+        if progress:
+            progress(z + 1, n)
+    return replace(last, labels=np.stack(labels, -1), routing=[], seconds=seconds,
+                   probabilities=np.stack(probs, -1) if probs else None)
+
+
+def run_in_thread(call: Callable[..., Any], cancel: threading.Event, value: str, run: int,
                runs: int, poll: float) -> Generator[Progress, None, Any]:
-    """Run ``call(progress=..., should_cancel=...)`` in a helper thread, yielding progress."""
+    """Run ``call(progress=..., should_cancel=...)`` in a helper thread, yielding progress.
+
+    The helper thread is always joined before this generator ends (normally, by an
+    error, or closed at a ``yield``), so no model code outlives the worker.
+    """
     reports: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
     box: dict[str, Any] = {}
 
@@ -162,9 +285,9 @@ def routing_layers(routing_map: Any, image_scale: Sequence[float],
                    image_translate: Sequence[float]) -> dict[str, Any]:
     """Layer-order arrays and geometry of one dMoE layer's routing.
 
-    Returns ``{"experts": (*grid) uint8 (top-1 expert + 1, so expert 0 is not
-    background), "gate": (*grid) float32 top-1 gate weight, "scale", "translate",
-    "num_experts"}``.
+    Returns ``{"experts": (*grid) uint8 label ``n`` = expert ``En`` (experts are numbered
+    from 1 in the plugin, so no expert is the background label 0), "gate": (*grid)
+    float32 top-1 gate weight, "scale", "translate", "num_experts"}``.
     """
     experts = np.asarray(routing_map.top1_expert)
     gate = np.asarray(routing_map.top1_gate, dtype=np.float32)
@@ -179,9 +302,9 @@ def routing_layers(routing_map: Any, image_scale: Sequence[float],
 
 
 def expert_features(num_experts: int) -> dict[str, list]:
-    """Labels features for a top-1 expert map (label ``e + 1`` is expert ``e``)."""
+    """Labels features for a top-1 expert map: label ``n`` is expert ``En``."""
     return {"index": list(range(num_experts + 1)),
-            "expert": ["—"] + [f"expert {e}" for e in range(num_experts)]}
+            "expert": ["—"] + [f"E{n}" for n in range(1, num_experts + 1)]}
 
 
 def expert_usage_rows(routing_map: Any, labels: np.ndarray, class_names: Sequence[str]
@@ -197,15 +320,24 @@ def expert_usage_rows(routing_map: Any, labels: np.ndarray, class_names: Sequenc
 
 
 # -- measurements -------------------------------------------------------------------------
-def unit_of(units: Sequence[Any] | None, ndim: int) -> str:
-    """``"mm²"``/``"mm³"`` etc. from layer units; ``"px"``/``"voxels"`` without a unit."""
+def unit_of(units: Sequence[Any] | None, ndim: int,
+            scale: Sequence[float] | None = None) -> str:
+    """Unit of an area (2D) or volume (3D) measured with the layer's ``scale``.
+
+    ``"mm²"``/``"mm³"`` etc. from the layer units; without a unit, ``"px"``/``"voxels"``
+    only when the scale is 1 (raw pixel counts), else ``"scaled units²"`` (the numbers
+    are scaled, their unit is unknown).
+    """
     names = {str(u) for u in (units or ())}
     names.discard("pixel")
+    power = "²" if ndim == 2 else "³"
     if len(names) == 1:
         short = {"millimeter": "mm", "micrometer": "µm", "nanometer": "nm",
                  "centimeter": "cm", "meter": "m"}
         name = next(iter(names))
-        return f"{short.get(name, name)}{'²' if ndim == 2 else '³'}"
+        return f"{short.get(name, name)}{power}"
+    if scale is not None and any(abs(float(s) - 1.0) > 1e-9 for s in scale):
+        return f"scaled units{power}"
     return "px" if ndim == 2 else "voxels"
 
 
@@ -260,20 +392,48 @@ def disagreement(label_maps: Sequence[np.ndarray], num_classes: int
     return majority.astype(np.uint8), (len(label_maps) - agree).astype(np.uint8)
 
 
-def find_ground_truth(layers: Sequence[Any], image: Any, shape: tuple[int, ...]) -> Any:
-    """A Labels layer holding the image's ground truth, or None.
+# -- attribute switches -------------------------------------------------------------------
+def switch_maps(results: dict[str, Any], patient: str) -> list[dict[str, Any]]:
+    """Where the attribute value switches the experts, per dMoE layer.
 
-    Prefers layers marked ``metadata["napari_dmoe"]["role"] == "ground_truth"`` for this
-    image, then any layer named like "... ground truth"; the shape must match.
+    Args:
+        results: ``{value: SegmentationResult}`` with routing maps (same image).
+        patient: the value the others are compared with (must be in ``results``).
+
+    Returns:
+        One dict per dMoE layer: ``{"name", "count": (*grid) uint8`` number of values
+        whose top-1 expert differs from the patient's value's at each cell, ``"fraction":
+        {value: share of cells switched}``, ``"map":`` the patient's ``RoutingMap``}.
+        Empty when the results carry no routing.
     """
-    candidates = []
-    for layer in layers:
-        if type(layer).__name__ != "Labels" or tuple(np.shape(layer.data)) != tuple(shape):
-            continue
-        meta = (layer.metadata or {}).get(META) or {}
-        if meta.get("role") == "ground_truth":
-            candidates.append((0 if meta.get("image") == image.name else 2, layer))
-        elif "ground truth" in layer.name.lower():
-            candidates.append((1 if layer.name.startswith(image.name) else 3, layer))
-    candidates.sort(key=lambda item: item[0])
-    return candidates[0][1] if candidates else None
+    if patient not in results:
+        raise ValueError(f"patient value {patient!r} is not among the compared values "
+                         f"{sorted(results)}")
+    base = results[patient].routing
+    out = []
+    for i, routing in enumerate(base):
+        top = routing.top1_expert
+        count = np.zeros(top.shape, np.uint8)
+        fraction = {}
+        for value, result in results.items():
+            if value == patient or i >= len(result.routing):
+                continue
+            switched = result.routing[i].top1_expert != top
+            count += switched.astype(np.uint8)
+            fraction[value] = float(switched.mean()) if switched.size else 0.0
+        out.append({"name": routing.name, "count": count, "fraction": fraction,
+                    "map": routing})
+    return out
+
+
+def probability_map(probabilities: np.ndarray, kind: str = "max") -> np.ndarray:
+    """``(K, *spatial)`` softmax -> ``(*spatial)`` float32: ``"max"`` probability of the
+    predicted class, or ``"entropy"`` normalised to [0, 1] (divided by log K)."""
+    p = np.asarray(probabilities, dtype=np.float32)
+    if kind == "max":
+        return p.max(0)
+    if kind == "entropy":
+        k = p.shape[0]
+        h = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(0)
+        return (h / np.log(k)).astype(np.float32) if k > 1 else np.zeros_like(h)
+    raise ValueError(f"kind must be 'max' or 'entropy', got {kind!r}")

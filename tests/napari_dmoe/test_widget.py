@@ -96,13 +96,18 @@ def test_routing_layers_cover_the_image_exactly(open_widget, qtbot, tmp_path):
     widget.routing_check.setChecked(True)
     image = widget.image_layer()
     run_and_wait(qtbot, widget)
-    routing = [layer for layer in viewer.layers if "· encoder." in layer.name]
+    routing = [layer for layer in viewer.layers
+               if layer.metadata.get(META, {}).get("role") == "routing"]
     assert len(routing) == 2 * 5  # resunet: one dMoE per encoder stage, expert + gate each
+    assert [layer.visible for layer in routing] == [True] + [False] * 9
     for layer in routing:
         np.testing.assert_allclose(corner_extent(layer), corner_extent(image), atol=1e-6)
-    experts = [layer for layer in routing if layer.name.endswith("top-1 expert")]
-    assert all(int(layer.data.min()) >= 1 for layer in experts)  # expert 0 is label 1
-    assert "Expert usage" in widget.results.toPlainText()
+    experts = [layer for layer in routing if layer.name.startswith("E top-1 · ")]
+    assert len(experts) == 5
+    assert all(int(layer.data.min()) >= 1 for layer in experts)  # experts are E1..En
+    assert all(layer.name.endswith(" · T3") for layer in routing)
+    text = widget.results.toPlainText()
+    assert "Expert usage" in text and "E1" in text and "label value n = expert En" in text
     shot(viewer, qtbot, "03_ct_routing.png")
     # the clinician saves the (editable) result: the NIfTI carries the source affine
     seg = viewer.layers[f"{image.name} · ct_tiny · T3"]
@@ -122,7 +127,8 @@ def test_routing_on_2d_rgb_sample(open_widget, qtbot):
     run_and_wait(qtbot, widget)
     seg = [layer for layer in viewer.layers if layer.name.endswith("· 40-59")]
     assert seg and seg[0].data.shape == image.data.shape[:2]
-    routing = [layer for layer in viewer.layers if "· encoder." in layer.name]
+    routing = [layer for layer in viewer.layers
+               if layer.metadata.get(META, {}).get("role") == "routing"]
     assert routing
     for layer in routing:
         np.testing.assert_allclose(corner_extent(layer), corner_extent(image), atol=1e-6)
@@ -180,8 +186,13 @@ def test_bad_inputs_notify_and_leave_the_viewer_working(open_widget, qtbot, erro
 
     viewer.add_image(np.random.rand(40, 64, 64).astype(np.float32), name="volume")
     widget.image_combo.setCurrentText("volume")
-    assert "This model segments 2D images" in widget.status.text()  # said before running
-    widget.run()
+    assert "Ready: the 2D model segments this stack slice by slice" in widget.status.text()
+    viewer.add_image(np.random.rand(2, 40, 64, 64).astype(np.float32), name="4d")
+    widget.image_combo.setCurrentText("4d")
+    assert "This model segments 2D images; '4d' has 4 spatial" in widget.status.text()
+    assert "4D model" not in widget.status.text()
+    assert not widget.run_button.isEnabled()  # said before running
+    widget._start(["unknown"], compare=False)
     expect("This model segments 2D images")
     shot(viewer, qtbot, "07_bad_volume.png")
 
@@ -189,12 +200,12 @@ def test_bad_inputs_notify_and_leave_the_viewer_working(open_widget, qtbot, erro
     nan[3, 5] = np.nan
     viewer.add_image(nan, name="with nan")
     widget.image_combo.setCurrentText("with nan")
-    widget.run()
+    widget._start(["unknown"], compare=False)
     expect("NaN")
 
     viewer.add_image(np.ones((1, 1), np.float32), name="one pixel")
     widget.image_combo.setCurrentText("one pixel")
-    widget.run()
+    widget._start(["unknown"], compare=False)
     expect("too small")
 
     widget.load_model(checkpoints["bad"])

@@ -1,0 +1,291 @@
+"""The widget's secondary buttons: Save…, Batch…, Dataset routing…, and the Shapes region.
+
+- **Save…** writes the selected Labels layer (or the last segmentation of the selected
+  image) through the plugin's own writers in ``_writer`` (NIfTI, TIFF; DICOM-SEG and
+  RTSTRUCT only for images that came from a DICOM series, ``dicom_source`` in the
+  metadata); an existing file is replaced only after the user confirms, and the image's
+  own source file never.
+- **Batch…** segments a folder (``_batch.segment_folder``, through ``training.predict``)
+  or every open image layer, in a worker, with the widget's progress bar and Cancel.
+- **Dataset routing…** runs ``training.routing`` on a manifest or dataset folder in a
+  worker and shows ``routing.png`` in a small dialog.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.qt.threading import create_worker
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QPixmap
+from qtpy.QtWidgets import (
+    QDialog,
+    QFileDialog,
+    QLabel,
+    QMessageBox,
+    QScrollArea,
+    QVBoxLayout,
+)
+
+from . import _batch, _tables, _tasks, _view
+from ._reader import META, file_suffix
+
+FORMATS = {"NIfTI (*.nii.gz)": ("write_labels_nifti", ".nii.gz"),
+           "TIFF (*.tif)": ("write_labels_tiff", ".tif")}
+DICOM_FORMATS = {"DICOM-SEG (*.dcm)": ("write_labels_dicom_seg", ".dcm"),
+                 "RTSTRUCT (*.dcm)": ("write_labels_rtstruct", ".dcm")}
+
+
+# -- region -----------------------------------------------------------------------------
+def rectangle_region(shapes: Any, image: Any) -> tuple[int, int, int, int]:
+    """The last rectangle of a Shapes layer as image pixels ``(row0, row1, col0, col1)``.
+
+    Corners go data → world (the Shapes layer's transform) → image data, are rounded
+    outwards and clipped to the image. Raises ValueError naming what to do.
+    """
+    rects = [i for i, kind in enumerate(shapes.shape_type) if kind == "rectangle"]
+    if not rects:
+        raise ValueError(f"'{shapes.name}' holds no rectangle; draw one with the rectangle "
+                         "tool or choose 'Whole image'.")
+    corners = np.asarray(shapes.data[rects[-1]], dtype=float)[:, -2:]
+    pixels = []
+    for corner in corners:
+        world = shapes.data_to_world(np.r_[np.zeros(shapes.ndim - 2), corner])
+        pixels.append(np.asarray(image.world_to_data(world), dtype=float)[-2:])
+    pixels = np.array(pixels)
+    shape = _tasks.layer_spatial_ndim(np.ndim(image.data), image.rgb)
+    h, w = np.shape(image.data)[shape - 2:shape]
+    r0, c0 = np.floor(pixels.min(0) + 0.5).astype(int)
+    r1, c1 = np.ceil(pixels.max(0) + 0.5).astype(int)
+    r0, r1, c0, c1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
+    if r1 - r0 < 8 or c1 - c0 < 8:
+        raise ValueError(f"The rectangle in '{shapes.name}' covers {max(r1 - r0, 0)}×"
+                         f"{max(c1 - c0, 0)} pixels of '{image.name}'; draw it over the "
+                         "image, at least 8×8 pixels.")
+    return int(r0), int(r1), int(c0), int(c1)
+
+
+# -- save -------------------------------------------------------------------------------
+def is_dicom(layer: Any) -> bool:
+    meta = layer.metadata or {}
+    return bool(meta.get("dicom_source") or (meta.get(META) or {}).get("dicom_source"))
+
+
+def save_formats(layer: Any) -> dict[str, tuple[str, str]]:
+    """Name filter -> (writer function name in ``_writer``, suffix) offered for ``layer``."""
+    return {**FORMATS, **(DICOM_FORMATS if is_dicom(layer) else {})}
+
+
+def output_path(path: str | Path, suffix: str) -> Path:
+    path = Path(path)
+    return path if file_suffix(path) == suffix or path.name.endswith(suffix) else \
+        path.with_name(path.name + suffix)
+
+
+def save_labels(layer: Any, path: str | Path, name_filter: str,
+                confirm: Callable[[Path], bool]) -> list[str]:
+    """Write ``layer`` with the plugin's writer for ``name_filter``.
+
+    Refuses the layer's own source file; asks ``confirm(path)`` before replacing an existing
+    file (returns [] when the user says no).
+    """
+    from . import _writer
+
+    function, suffix = save_formats(layer)[name_filter]
+    out = output_path(path, suffix)
+    source = ((layer.metadata or {}).get(META) or {}).get("source")
+    if source and Path(source).resolve() == out.resolve():
+        raise ValueError(f"{out} is the image this layer was made from; choose another file "
+                         "name (outputs never replace inputs).")
+    if out.exists() and not confirm(out):
+        return []
+    writer = getattr(_writer, function, None)
+    if writer is None:
+        raise ValueError(f"This version of napari-dmoe cannot write {name_filter}; save as "
+                         "NIfTI or TIFF.")
+    data, attributes, _ = layer.as_layer_data_tuple()
+    return writer(str(out), data, attributes)
+
+
+def layer_to_save(widget: Any) -> Any:
+    active = widget.viewer.layers.selection.active
+    if active is not None and type(active).__name__ == "Labels":
+        return active
+    image = widget.image_layer()
+    for layer in reversed(list(widget.viewer.layers)):
+        meta = (layer.metadata or {}).get(META) or {}
+        if meta.get("role") == "segmentation" and image is not None \
+                and meta.get("image") == image.name:
+            return layer
+    return None
+
+
+def save_dialog(widget: Any) -> None:
+    layer = layer_to_save(widget)
+    if layer is None:
+        widget._report_error("Select a Labels layer (a segmentation) to save.")
+        return
+    filters = save_formats(layer)
+    start = widget.settings.get("last_dir") or str(Path.home())
+    path, chosen = QFileDialog.getSaveFileName(
+        widget, f"Save '{layer.name}'", str(Path(start) / _safe(layer.name)),
+        ";;".join(filters), options=QFileDialog.Option.DontConfirmOverwrite)
+    if not path:
+        return
+
+    def confirm(out: Path) -> bool:
+        answer = QMessageBox.question(widget, "Replace file?",
+                                      f"{out} exists. Replace it?")
+        return answer == QMessageBox.StandardButton.Yes
+
+    try:
+        written = save_labels(layer, path, chosen or next(iter(filters)), confirm)
+    except (ValueError, OSError) as exc:
+        widget._report_error(f"Cannot save '{layer.name}': {exc}")
+        return
+    if written:
+        widget._set_status(f"Saved {', '.join(written)}", "#a3be8c")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "labels"
+
+
+# -- batch ------------------------------------------------------------------------------
+def batch_dialog(widget: Any) -> None:
+    if widget.segmenter is None or widget.model_entry is None:
+        widget._report_error("Choose a model (or Open checkpoint…) first.")
+        return
+    box = QMessageBox(widget)
+    box.setWindowTitle("Batch segmentation")
+    box.setText("Segment a folder of images into an output folder (label files and "
+                "predictions.csv), or every open image layer into new layers?")
+    folder = box.addButton("A folder…", QMessageBox.ButtonRole.AcceptRole)
+    layers = box.addButton("All open images", QMessageBox.ButtonRole.AcceptRole)
+    box.addButton(QMessageBox.StandardButton.Cancel)
+    box.exec()
+    if box.clickedButton() is folder:
+        source = QFileDialog.getExistingDirectory(widget, "Folder of images (or a dataset)")
+        if not source:
+            return
+        out = QFileDialog.getExistingDirectory(widget, "Output folder (not the input folder)")
+        if out:
+            start_batch_folder(widget, Path(source), Path(out))
+    elif box.clickedButton() is layers:
+        start_batch_layers(widget)
+
+
+def _run_job(widget: Any, function: Callable[..., Any], *args: Any,
+             done: Callable[[Any], None], **kwargs: Any) -> None:
+    """Run a generator job with the widget's progress bar, Cancel and error display."""
+    import threading
+
+    widget._cancel = threading.Event()
+    widget._job = {"slices": False}
+    widget._set_busy(True, "Working…", running=True)
+
+    def on_done(out: Any) -> None:
+        try:
+            done(out)
+        except Exception as exc:  # a bug in layer building must not freeze the UI
+            widget._report_error(f"Could not show the results: {exc}")
+
+    widget.worker = create_worker(
+        function, *args, cancel=widget._cancel, **kwargs,
+        _connect={"yielded": widget._on_progress, "returned": on_done,
+                  "errored": widget._on_error, "finished": widget._on_finished})
+
+
+def start_batch_folder(widget: Any, source: Path, out: Path) -> None:
+    value = widget.attribute_combo.currentText() or _tasks.UNKNOWN
+
+    def done(result: _batch.BatchOutput) -> None:
+        verb = "Cancelled after" if result.cancelled else "Wrote"
+        widget._set_status(f"{verb} {len(result.rows)} label file(s) and predictions.csv "
+                           f"to {out}", "#d08770" if result.cancelled else "#a3be8c")
+        widget._sections = {"body": _tables.message(f"Batch: {source} → {out}")}
+        widget._render()
+
+    try:
+        _batch.check_folders(source, out)
+    except ValueError as exc:
+        widget._report_error(str(exc))
+        return
+    _run_job(widget, _batch.segment_folder, widget.model_entry.path, source, out, value,
+             device=widget.device_combo.currentText() or "auto", done=done)
+
+
+def start_batch_layers(widget: Any) -> None:
+    seg = widget.segmenter
+    images = [layer for layer in widget.viewer.layers if type(layer).__name__ == "Image"
+              and not widget._is_derived(layer)
+              and _tasks.layer_spatial_ndim(np.ndim(layer.data), layer.rgb) == seg.spatial_dims]
+    if not images:
+        widget._report_error(f"No open image fits this {seg.spatial_dims}D model.")
+        return
+    jobs = []
+    for layer in images:
+        array, axis = _tasks.model_input(layer.data, rgb=layer.rgb)
+        value = _tasks.preselect_value(layer.metadata, seg.attribute_name, seg.vocabulary)
+        jobs.append((layer, array, axis, value))
+    model = widget.model_entry.name
+
+    def done(out: _batch.BatchOutput) -> None:
+        for layer, result in out.rows:
+            _view.segmentation_layer(widget.viewer, layer, model, seg, result)
+        widget._set_status(f"Segmented {len(out.rows)} of {len(jobs)} images"
+                           + (" (cancelled)." if out.cancelled else "."), "#a3be8c")
+
+    _run_job(widget, _batch.segment_layers, seg, jobs, done=done)
+
+
+# -- dataset routing --------------------------------------------------------------------
+def dataset_routing_dialog(widget: Any) -> None:
+    if widget.model_entry is None:
+        widget._report_error("Choose a model (or Open checkpoint…) first.")
+        return
+    start = widget.settings.get("last_dir") or str(Path.home())
+    data, _ = QFileDialog.getOpenFileName(
+        widget, "Dataset manifest (or any file in a FairSeg/HAM10000 folder)", start,
+        "Manifests (*.csv);;All files (*)")
+    if not data:
+        return
+    data_path = Path(data) if data.endswith(".csv") else Path(data).parent
+    out = Path(tempfile.mkdtemp(prefix="napari-dmoe-routing-"))
+    start_dataset_routing(widget, data_path, out)
+
+
+def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test") -> None:
+    def done(report: Any) -> None:
+        if report is None:
+            widget._set_status("Cancelled: no routing figure.", "gray")
+            return
+        widget._set_status(f"Wrote {out / 'routing.json'} and routing.png", "#a3be8c")
+        widget.routing_figure = show_figure(widget, out / "routing.png")
+
+    _run_job(widget, _batch.dataset_routing, widget.model_entry.path, data, out, split,
+             device=widget.device_combo.currentText() or "auto", done=done)
+
+
+def show_figure(widget: Any, path: Path) -> QDialog:
+    dialog = QDialog(widget)
+    dialog.setWindowTitle(f"Dataset routing — {path}")
+    label = QLabel()
+    label.setPixmap(QPixmap(str(path)))
+    label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+    scroll = QScrollArea()
+    scroll.setWidget(label)
+    caption = QLabel(f"{path} (and routing.json beside it)")
+    caption.setWordWrap(True)
+    caption.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    layout = QVBoxLayout(dialog)
+    layout.addWidget(scroll)
+    layout.addWidget(caption)
+    pixmap = label.pixmap()
+    dialog.resize(min(pixmap.width() + 40, 1400), min(pixmap.height() + 80, 900))
+    dialog.show()
+    return dialog
