@@ -112,10 +112,24 @@ def _looks_like_labels(path: str | Path, dtype: np.dtype) -> bool:
 
 # -- NIfTI --------------------------------------------------------------------------------
 def read_nifti(path: str | Path) -> list[LayerData]:
-    """One Image or Labels layer from a NIfTI file (convention: module docstring)."""
+    """One Image or Labels layer from a NIfTI file (convention: module docstring).
+
+    Raises:
+        ValueError: naming the file, if it is truncated or damaged, or its header has a
+            non-finite spacing or promises more data than the file can hold.
+    """
     import nibabel as nib
 
-    return nifti_image_layers(nib.load(str(path)), path)
+    from training.data.io import check_nifti, damaged_file_message
+
+    try:
+        img = nib.load(str(path))
+        check_nifti(img, path)
+        return nifti_image_layers(img, path)
+    except ValueError:  # DataError from check_nifti names the file already
+        raise
+    except Exception as exc:  # noqa: BLE001 - zlib/gzip/EOF/nibabel errors of a damaged file
+        raise ValueError(damaged_file_message(path, exc)) from None
 
 
 def nifti_image_layers(img: Any, path: str | Path) -> list[LayerData]:
@@ -299,12 +313,33 @@ def _is_fairseg(path: str | Path) -> bool:
     try:
         with np.load(str(path), allow_pickle=False) as npz:
             return any(k in npz.files for k in FAIRSEG_IMAGE_KEYS)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - empty/truncated zip (BadZipFile, EOFError): not ours
         return False
 
 
 def read_fairseg(path: str | Path) -> list[LayerData]:
-    """Image, ground truth (if present) and attributes of one FairSeg ``.npz`` case."""
+    """Image, ground truth (if present) and attributes of one FairSeg ``.npz`` case.
+
+    Raises:
+        ValueError: naming the file, if a member is truncated or damaged, or the mask's
+            shape differs from the image's.
+    """
+    from training.data.io import damaged_file_message
+
+    try:
+        layers = _read_fairseg(path)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, zlib.error, OSError
+        raise ValueError(damaged_file_message(path, exc)) from None
+    if len(layers) > 1 and layers[1][0].shape != layers[0][0].shape[:2]:
+        raise ValueError(f"{path}: the mask is {layers[1][0].shape} but the image is "
+                         f"{layers[0][0].shape[:2]}; the file is inconsistent. Re-export it "
+                         "with the mask on the image's grid.")
+    return layers
+
+
+def _read_fairseg(path: str | Path) -> list[LayerData]:
     from ._compat import prepare_torch
 
     prepare_torch()

@@ -1,17 +1,24 @@
 """A bank of expert MLPs and the sparse dispatch that runs only the routed tokens.
 
-Experts are ``C -> hidden -> C`` MLPs (hidden = 4C in the paper) with ReLU and dropout on
-the hidden layer, stored as stacked weights ``(E, ...)``. Dispatch sorts the ``T*k``
-(token, expert) assignments by expert so that each expert sees one contiguous run of rows,
-runs every expert on its rows only (cost scales with ``top_k / num_experts``) and adds the
-gate-weighted results back per token.
+Experts are ``C -> hidden -> C`` MLPs (hidden = 4C in the paper) with ReLU and dropout,
+stored as stacked weights ``(E, ...)``. Dropout sits after the ReLU (``"hidden"``, the
+default) or after the second linear layer (``"output"``, as in the official dMoE code).
+Dispatch sorts the ``T*k`` (token, expert) assignments by expert so that each expert sees
+one contiguous run of rows, runs every expert on its rows only (cost scales with
+``top_k / num_experts``) and adds the gate-weighted results back per token.
 
-The forward and backward passes are fused in one autograd function that walks the sorted
-rows in chunks of ``chunk_rows``: the ``(rows, hidden)`` activation of a chunk stays in
-cache and is never stored; the backward pass recomputes it. Memory is therefore
-``O(tokens * C)`` instead of ``O(tokens * k * hidden)``, which matters on 3D feature maps
-with hundreds of thousands of tokens, and the five backward matrix products per chunk
-reuse one ``dy @ W2^T`` for both the hidden gradient and the gate gradient.
+Two paths compute the same function:
+
+- ``"fused"`` (CPU, and CUDA fallback): one autograd function walks the sorted rows in
+  chunks of ``chunk_rows``. The dropout mask is drawn once per call, one byte per unit,
+  16 random bits per unit (drop probability quantised to ``2**-16``) from the default
+  generator, and reused by the backward pass; the ``1/(1-p)`` scale is folded into the
+  second weight matrix. Small inputs keep their hidden activations for the backward pass;
+  large ones (3D maps) recompute them chunk by chunk, so memory stays ``O(T*C)`` plus the
+  byte mask. One ``dy @ W2^T`` serves both the hidden gradient and, with the stored
+  expert outputs, the gate gradient.
+- ``"grouped"`` (CUDA tensors, when torch has ``grouped_mm``): bf16 grouped GEMMs over
+  the sorted rows with plain autograd.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -28,29 +36,51 @@ DEFAULT_CHUNK_ROWS = 4096
 KEEP_HIDDEN_BYTES = 64 * 2**20
 """Up to this size the hidden activations are stored for backward instead of recomputed."""
 
+DROPOUT_POSITIONS = ("hidden", "output")
+"""Where expert dropout acts: after the ReLU, or after the second linear layer."""
 
-def _chunks(counts: list[int], chunk_rows: int):
-    """Yield ``(expert, lo, hi)`` row ranges of the expert-sorted assignment list."""
-    start = 0
+EXPERT_PATHS = ("auto", "fused", "grouped")
+"""Dispatch implementations; ``auto`` = ``grouped`` on CUDA when available, else ``fused``."""
+
+_RANDOM_BITS = 16
+
+
+def _grouped_mm():
+    """torch's grouped GEMM (``F.grouped_mm`` or ``torch._grouped_mm``), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _drop_threshold(p: float) -> int:
+    """int16 threshold: a unit is kept where its 16 random bits (as int16) are ``>=`` it."""
+    return round(p * 2**_RANDOM_BITS) - 2 ** (_RANDOM_BITS - 1)
+
+
+def _draw_keep(out: torch.Tensor, p: float) -> torch.Tensor:
+    """Fill bool ``out`` ``(R, W)`` with keep decisions (keep probability ``1-p``) in place."""
+    n = out.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=out.device)
+    bits.random_(-(2**63), None)  # 64 uniform bits each (the default generator)
+    return torch.ge(bits.view(torch.int16)[:n].view(out.shape), _drop_threshold(p), out=out)
+
+
+def _chunks(counts: list[int], chunk_rows: int) -> list[tuple[int, int, int]]:
+    """``(expert, lo, hi)`` row ranges of the expert-sorted assignment list."""
+    out, start = [], 0
     for e, count in enumerate(counts):
-        for lo in range(start, start + count, chunk_rows):
-            yield e, lo, min(lo + chunk_rows, start + count)
+        out.extend((e, lo, min(lo + chunk_rows, start + count))
+                   for lo in range(start, start + count, chunk_rows))
         start += count
+    return out
 
 
-def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
-    """Inverted-dropout mask regenerated identically in the backward pass."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=device) >= p
-    return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
-
-
-def _unsort_sum(rows: torch.Tensor, inverse: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Expert-sorted rows ``(T*k, C)`` → per-token sums ``(T, C)`` (a gather, not a scatter)."""
-    k = inverse.shape[0] // tokens
-    unsorted = rows.index_select(0, inverse)
-    return unsorted if k == 1 else unsorted.view(tokens, k, -1).sum(1)
+def _mix(y_rows: torch.Tensor, inverse: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Expert-sorted rows ``(T*k, C)`` → ``sum_j gates[t, j] * rows[t, j]`` ``(T, C)``."""
+    T, k = gates.shape
+    rows = y_rows.index_select(0, inverse).view(T, k, -1)
+    out = rows[:, 0] * gates[:, :1]
+    for j in range(1, k):
+        out.addcmul_(rows[:, j], gates[:, j : j + 1])
+    return out
 
 
 def _accumulate(dw: torch.Tensor, db: torch.Tensor, inp: torch.Tensor, grad: torch.Tensor,
@@ -64,94 +94,156 @@ def _accumulate(dw: torch.Tensor, db: torch.Tensor, inp: torch.Tensor, grad: tor
         db += grad.sum(0)
 
 
+class _Plan:
+    """Sorted dispatch of one call: which rows go to which expert, chunked."""
+
+    def __init__(self, indices: torch.Tensor, gates: torch.Tensor, num_experts: int,
+                 chunk_rows: int) -> None:
+        T, k = indices.shape
+        flat = indices.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(self.order.numel(), device=flat.device)
+        self.rows_token = torch.div(self.order, k, rounding_mode="floor")
+        self.rows_gate = gates.detach().reshape(-1)[self.order]
+        self.counts = torch.bincount(flat, minlength=num_experts).tolist()  # one sync
+        self.chunks = _chunks(self.counts, chunk_rows)
+
+    def sort_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A token-order mask ``(T, k, W)`` → expert-sorted ``(T*k, W)`` bool."""
+        return mask.reshape(self.order.numel(), -1).index_select(0, self.order).bool()
+
+
 class _SparseExperts(torch.autograd.Function):
-    """``out[t] = sum_{rows r of t} gate[r] * MLP_{e(r)}(x[t])`` for expert-sorted rows."""
+    """``out[t] = sum_j gates[t, j] * MLP_{e(t, j)}(x[t])`` over expert-sorted rows."""
 
     @staticmethod
-    def forward(ctx, x, rows_token, rows_gate, inverse, w1, b1, w2, b2, counts, chunk_rows, p,
-                seed, training_graph):
-        rows = rows_token.shape[0]
-        y_rows = x.new_empty(rows, x.shape[1])
+    def forward(ctx, x, gates, w1, b1, w2, b2, plan, p, position, mask, training_graph):
+        rows, width = plan.order.numel(), (w1.shape[2] if position == "hidden" else x.shape[1])
+        scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+        w2s = w2 * scale if p > 0 else w2
+        b2s = b2 * scale if p > 0 and position == "output" else b2
+        draw = p > 0 and mask is None
+        if draw:
+            mask = torch.empty(rows, width, dtype=torch.bool, device=x.device)
+        y_rows = x.new_empty(rows, x.shape[1])  # expert outputs before the gate
         # Small inputs (2D shapes) keep the hidden activations: the backward pass then
         # skips recomputing them. Large ones (3D maps) recompute, keeping memory O(T*C).
         keep = training_graph and rows * w1.shape[2] * x.element_size() <= KEEP_HIDDEN_BYTES
         kept = []
-        for i, (e, lo, hi) in enumerate(_chunks(counts, chunk_rows)):
-            h = torch.addmm(b1[e], x.index_select(0, rows_token[lo:hi]), w1[e]).relu_()
-            if p > 0:
-                h.mul_(_dropout_mask(h.shape, p, seed + i, x.device).to(h.dtype))
-            y = torch.addmm(b2[e], h, w2[e], out=y_rows[lo:hi])
-            y.mul_(rows_gate[lo:hi, None])
+        for e, lo, hi in plan.chunks:
+            if draw:
+                _draw_keep(mask[lo:hi], p)
+            h = torch.addmm(b1[e], x.index_select(0, plan.rows_token[lo:hi]), w1[e]).relu_()
+            if p > 0 and position == "hidden":
+                h.mul_(mask[lo:hi].view(torch.uint8))
+            y = torch.addmm(b2s[e], h, w2s[e], out=y_rows[lo:hi])
+            if p > 0 and position == "output":
+                y.mul_(mask[lo:hi].view(torch.uint8))
             if keep:
                 kept.append(h)
-        ctx.save_for_backward(x, rows_token, rows_gate, inverse, w1, b1, w2, b2, *kept)
-        ctx.config = (counts, chunk_rows, p, seed, keep)
-        return _unsort_sum(y_rows, inverse, x.shape[0])
+        if keep and position == "hidden":
+            mask = None  # the kept activations carry it (zero where dropped)
+        ctx.save_for_backward(x, gates, w1, b1, w2s, y_rows, *kept)
+        ctx.config = (plan, p, scale, position, keep, mask)
+        return _mix(y_rows, plan.inverse, gates)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, rows_token, rows_gate, inverse, w1, b1, w2, b2, *kept = ctx.saved_tensors
-        counts, chunk_rows, p, seed, keep = ctx.config
-        need_x, _, need_gate, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:8]
+        x, gates, w1, b1, w2s, y_rows, *kept = ctx.saved_tensors
+        plan, p, scale, position, keep, mask = ctx.config
+        need_x, need_gate = ctx.needs_input_grad[:2]
         grad_out = grad_out.contiguous()
-        dx_rows = x.new_empty(rows_token.shape[0], x.shape[1]) if need_x else None
-        dgate = torch.empty_like(rows_gate) if need_gate else None
-        # Weight gradients are written by the first chunk of each expert (no 4C*C zero fill,
-        # which costs a tenth of the 2D backward) and accumulated by the later ones.
+        dx_rows = x.new_empty(y_rows.shape) if need_x else None
+        dgate_rows = x.new_empty(y_rows.shape[0]) if need_gate else None
+        # Weight gradients are written by the first chunk of each expert (no 4C*C zero fill)
+        # and accumulated by the later ones.
         dw1, db1 = torch.empty_like(w1), torch.empty_like(b1)
-        dw2, db2 = torch.empty_like(w2), torch.empty_like(b2)
+        dw2, db2 = torch.empty_like(w2s), x.new_empty(w2s.shape[0], w2s.shape[2])
         started: set[int] = set()
-        for i, (e, lo, hi) in enumerate(_chunks(counts, chunk_rows)):
+        for i, (e, lo, hi) in enumerate(plan.chunks):
             first = e not in started
             started.add(e)
-            tok = rows_token[lo:hi]
-            gate = rows_gate[lo:hi, None]
+            tok = plan.rows_token[lo:hi]
             xs = x.index_select(0, tok)
             if keep:
                 h = kept[i]
             else:  # recompute the (dropped-out) hidden activations
                 h = torch.addmm(b1[e], xs, w1[e]).relu_()
-                if p > 0:
-                    h.mul_(_dropout_mask(h.shape, p, seed + i, x.device).to(h.dtype))
-            dyo = grad_out.index_select(0, tok)  # d out / d (gate * y)
-            u = dyo @ w2[e].T  # (rows, hidden), shared by dgate and dh
+                if p > 0 and position == "hidden":
+                    h.mul_(mask[lo:hi].view(torch.uint8))
+            dz = grad_out.index_select(0, tok)  # d out / d (gate * y)
             if need_gate:
-                dgate[lo:hi] = (h * u).sum(1) + dyo @ b2[e]
-            dy = dyo * gate
-            _accumulate(dw2[e], db2[e], h, dy, first)
-            dh = u.mul_(gate)  # = dy @ W2^T
-            if p > 0:
-                dh.mul_(_dropout_mask(h.shape, p, seed + i, x.device).to(dh.dtype))
-            # ReLU backward: h (after dropout) is non-zero exactly where the gradient flows
-            dh = torch.ops.aten.threshold_backward(dh, h, 0)
+                torch.linalg.vecdot(dz, y_rows[lo:hi], out=dgate_rows[lo:hi])
+            dz.mul_(plan.rows_gate[lo:hi, None])  # d out / d y
+            if p > 0 and position == "output":
+                dz.mul_(mask[lo:hi].view(torch.uint8))
+            _accumulate(dw2[e], db2[e], h, dz, first)
+            dh = torch.mm(dz, w2s[e].T)
+            # ReLU (and hidden dropout) backward: h is non-zero exactly where it flows
+            torch.ops.aten.threshold_backward.grad_input(dh, h, 0, grad_input=dh)
             _accumulate(dw1[e], db1[e], xs, dh, first)
             if need_x:
                 torch.mm(dh, w1[e].T, out=dx_rows[lo:hi])
         for e in set(range(w1.shape[0])) - started:  # experts that received no token
             for g in (dw1, db1, dw2, db2):
                 g[e].zero_()
-        dx = _unsort_sum(dx_rows, inverse, x.shape[0]) if need_x else None
-        return (
-            dx, None, dgate, None,
-            dw1 if need_w1 else None, db1 if need_b1 else None,
-            dw2 if need_w2 else None, db2 if need_b2 else None,
-            None, None, None, None, None,
-        )  # fmt: skip
+        if p > 0:  # forward used scale * W2 (and scale * b2 for output dropout)
+            dw2.mul_(scale)
+            if position == "output":
+                db2.mul_(scale)
+        dx = dgates = None
+        if need_x:
+            T, k = gates.shape
+            dx = dx_rows.index_select(0, plan.inverse).view(T, k, -1).sum(1)
+        if need_gate:
+            dgates = dgate_rows.index_select(0, plan.inverse).view(gates.shape)
+        return dx, dgates, dw1, db1, dw2, db2, None, None, None, None, None
+
+
+def _grouped_experts(x, gates, w1, b1, w2, b2, plan, p, position, mask):
+    """The same function with bf16 grouped GEMMs and plain autograd (CUDA path)."""
+    grouped_mm = _grouped_mm()
+    offs = torch.tensor(plan.counts, device=x.device).cumsum(0).to(torch.int32)
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(len(plan.counts), device=x.device), torch.tensor(plan.counts, device=x.device)
+    )
+    bf = torch.bfloat16
+    xs = x.to(bf).index_select(0, plan.rows_token)
+    h = torch.relu(grouped_mm(xs, w1.to(bf), offs=offs) + b1.to(bf)[expert_of_row])
+    if p > 0 and mask is None:
+        width = h.shape[1] if position == "hidden" else x.shape[1]
+        mask = _draw_keep(torch.empty(h.shape[0], width, dtype=torch.bool, device=x.device), p)
+    if p > 0 and position == "hidden":
+        h = h * mask * (1.0 / (1.0 - p))
+    y = grouped_mm(h, w2.to(bf), offs=offs) + b2.to(bf)[expert_of_row]
+    if p > 0 and position == "output":
+        y = y * mask * (1.0 / (1.0 - p))
+    T, k = gates.shape
+    y = y.index_select(0, plan.inverse).view(T, k, -1).to(x.dtype)
+    return (y * gates[..., None]).sum(1)
 
 
 class ExpertBank(nn.Module):
-    """``num_experts`` independent MLPs ``C -> hidden -> C`` (ReLU, dropout on the hidden).
+    """``num_experts`` independent MLPs ``C -> hidden -> C`` with ReLU and dropout.
 
     Args:
         embed_dim: token width C.
         num_experts: number of experts E.
         mlp_ratio: hidden width as a multiple of C (4 in the paper).
-        dropout: dropout probability applied after the ReLU while training.
+        dropout: dropout probability while training.
+        dropout_position: ``"hidden"`` (after the ReLU) or ``"output"`` (after the second
+            linear layer, as in the official dMoE code).
     """
 
     def __init__(
-        self, embed_dim: int, num_experts: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.1
+        self,
+        embed_dim: int,
+        num_experts: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        dropout_position: str = "hidden",
     ) -> None:
         super().__init__()
         hidden = int(round(embed_dim * mlp_ratio))
@@ -162,10 +254,14 @@ class ExpertBank(nn.Module):
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(f"dropout_position must be one of {list(DROPOUT_POSITIONS)}, "
+                             f"got {dropout_position!r}")
         self.embed_dim = embed_dim
         self.hidden_dim = hidden
         self.num_experts = num_experts
         self.dropout = float(dropout)
+        self.dropout_position = dropout_position
         self.w1 = nn.Parameter(torch.empty(num_experts, embed_dim, hidden))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, embed_dim))
@@ -180,12 +276,38 @@ class ExpertBank(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Run expert ``e`` on rows ``(R, C)`` → ``(R, C)`` (plain autograd; for reference use)."""
+    @property
+    def dropout_width(self) -> int:
+        """Units per assignment the dropout mask covers (hidden width or C)."""
+        return self.hidden_dim if self.dropout_position == "hidden" else self.embed_dim
+
+    def expert(self, e: int, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Run expert ``e`` on rows ``(R, C)`` → ``(R, C)`` (plain autograd; for reference use).
+
+        ``keep``: bool ``(R, dropout_width)`` dropout mask to apply (``None``: fresh
+        ``nn.functional.dropout`` while training).
+        """
+        p = self.dropout if self.training else 0.0
+
+        def drop(t):
+            if keep is not None:
+                return t * keep / (1.0 - self.dropout)
+            return F.dropout(t, p, training=True) if p > 0 else t
+
         h = torch.relu(torch.addmm(self.b1[e], x, self.w1[e]))
-        if self.dropout and self.training:
-            h = nn.functional.dropout(h, self.dropout, training=True)
-        return torch.addmm(self.b2[e], h, self.w2[e])
+        if self.dropout_position == "hidden":
+            h = drop(h)
+        y = torch.addmm(self.b2[e], h, self.w2[e])
+        return drop(y) if self.dropout_position == "output" else y
+
+    def select_path(self, x: torch.Tensor, path: str = "auto") -> str:
+        """The dispatch path ``forward`` takes for tokens ``x`` (``"fused"``/``"grouped"``)."""
+        if path not in EXPERT_PATHS:
+            raise ValueError(f"path must be one of {list(EXPERT_PATHS)}, got {path!r}")
+        if path != "auto":
+            return path
+        aligned = self.embed_dim % 8 == 0 and self.hidden_dim % 8 == 0  # 16-byte bf16 rows
+        return "grouped" if x.is_cuda and aligned and _grouped_mm() is not None else "fused"
 
     def forward(
         self,
@@ -193,6 +315,8 @@ class ExpertBank(nn.Module):
         indices: torch.Tensor,
         gates: torch.Tensor,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        dropout_mask: torch.Tensor | None = None,
+        path: str = "auto",
     ) -> torch.Tensor:
         """Gate-weighted sum of the chosen experts' outputs.
 
@@ -200,29 +324,38 @@ class ExpertBank(nn.Module):
             x: tokens ``(T, C)``.
             indices: chosen experts ``(T, k)``.
             gates: their weights ``(T, k)``.
-            chunk_rows: sorted assignment rows computed at once.
+            chunk_rows: sorted assignment rows computed at once (fused path).
+            dropout_mask: bool keep mask ``(T, k, dropout_width)`` to use instead of a fresh
+                draw (tests compare against a reference with it); only while training with
+                ``dropout > 0``.
+            path: ``"auto"``, ``"fused"`` or ``"grouped"`` (see :meth:`select_path`).
 
         Returns:
             ``(T, C)`` with row t = ``sum_j gates[t, j] * E_{indices[t, j]}(x[t])``.
         """
         T, k = indices.shape
-        flat_expert = indices.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        rows_token = torch.div(order, k, rounding_mode="floor")
-        rows_gate = gates.reshape(-1)[order]
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-
+        p = self.dropout if self.training else 0.0
+        if dropout_mask is not None:
+            if p == 0:
+                raise ValueError("dropout_mask given, but dropout is off (eval mode or "
+                                 "dropout=0); pass None")
+            if dropout_mask.shape != (T, k, self.dropout_width):
+                raise ValueError(f"dropout_mask must have shape {(T, k, self.dropout_width)}, "
+                                 f"got {tuple(dropout_mask.shape)}")
+        route = self.select_path(x, path)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
-        p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        plan = _Plan(indices, gates, self.num_experts, chunk_rows)
+        mask = plan.sort_mask(dropout_mask) if dropout_mask is not None else None
         with torch.autocast(x.device.type, enabled=False):
+            if route == "grouped":
+                out = _grouped_experts(x, gates.to(x.dtype), self.w1, self.b1, self.w2,
+                                       self.b2, plan, p, self.dropout_position, mask)
+                return out.to(x.dtype)
+            weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
             out = _SparseExperts.apply(
-                x.to(dtype).contiguous(), rows_token, rows_gate.to(dtype), inverse, *weights,
-                counts, chunk_rows, p, seed, torch.is_grad_enabled(),
+                x.to(dtype).contiguous(), gates.to(dtype), *weights, plan, p,
+                self.dropout_position, mask, torch.is_grad_enabled(),
             )  # fmt: skip
         return out.to(x.dtype)
