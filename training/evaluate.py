@@ -9,6 +9,7 @@ table (rows = methods), printed and, with ``--out``, written to ``compare.md``.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
         image, label, meta = read_case(c, spatial_dims=seg.spatial_dims)
         loaded.append((c.id, image, label, c.attributes.get(attribute, "") if attribute else "",
                        meta.get("affine")))
+    for line in seg.unseen_values(v for _, _, _, v, _ in loaded):
+        print(line, file=sys.stderr)
     fairness = evaluate_cases(seg, loaded, attribute, progress=progress)
     summary = fairness.summary()
     summary["checkpoint"] = str(checkpoint)

@@ -218,6 +218,25 @@ class Segmenter:
             return -1, UNKNOWN
         return self.vocabulary.index(attribute_value), attribute_value
 
+    def unseen_values(self, values) -> list[str]:
+        """One warning per distinct attribute value in ``values`` that training never saw
+        (it is routed as unknown), suggesting a close or case-insensitive match."""
+        import difflib
+
+        if not self.uses_attribute or not self.vocabulary:
+            return []
+        lines, lowered = [], {v.lower(): v for v in self.vocabulary}
+        for value in dict.fromkeys(v for v in values if v not in (None, "", UNKNOWN)):
+            if value in self.vocabulary:
+                continue
+            close = lowered.get(str(value).strip().lower()) or next(iter(
+                difflib.get_close_matches(str(value), self.vocabulary, n=1, cutoff=0.6)), None)
+            hint = f"; did you mean {close!r}?" if close else ""
+            lines.append(f"warning: {self.attribute_name} value {value!r} was never seen in "
+                         f"training (known: {', '.join(self.vocabulary)}); it is routed as "
+                         f"unknown{hint}")
+        return lines
+
     # -- input checks ---------------------------------------------------------------------
     def _channels_first(self, image: np.ndarray, channel_axis: int | None) -> np.ndarray:
         image = np.asarray(image)

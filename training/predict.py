@@ -51,6 +51,48 @@ def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Pa
                   attribute_value=result.attribute_value)
 
 
+def _planned_suffix(case, output_format: str | None) -> str:
+    """The suffix :func:`_write_prediction` will use for ``case`` (before reading it)."""
+    from .data import label_suffix_for
+    from .data.io import is_dicom_image
+
+    if output_format is None and is_dicom_image(case.image):
+        output_format = "dicom-seg"
+    return OUTPUT_FORMATS[output_format] if output_format else label_suffix_for(case.image)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def check_outputs_spare_inputs(cases, out: Path, output_format: str | None = None) -> None:
+    """Refuse before anything is written if an output file would replace an input file.
+
+    Outputs are ``<out>/<id><suffix>`` per case and ``<out>/predictions.csv``; inputs are
+    every case's image and label (same path, or the same file through a link).
+
+    Raises:
+        ValueError: naming the output, the input and the case, and suggesting another --out.
+    """
+    inputs = [(Path(p), c.id, kind) for c in cases
+              for kind, p in (("image", c.image), ("label", c.label)) if p is not None]
+    outputs = [(out / f"{c.id}{_planned_suffix(c, output_format)}", c.id) for c in cases]
+    outputs.append((out / "predictions.csv", None))
+    suggestion = out / "predictions"
+    for target, _ in outputs:
+        for source, case_id, kind in inputs:
+            if _same_file(target, source):
+                raise ValueError(
+                    f"refusing to write {target}: it is the input {kind} {source} of case "
+                    f"{case_id}, which the predicted mask would overwrite. Nothing was "
+                    f"written; choose another --out (e.g. --out {suggestion}).")
+
+
 def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
             split: str = "test", image: str | Path | None = None,
             attribute_value: str | None = None, format: str | None = None,
@@ -77,6 +119,10 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
         cases = load_split(data, split, format=format, require_labels=False,
                            attribute=None, spatial_dims=seg.spatial_dims)
     out = Path(out)
+    check_outputs_spare_inputs(cases, out, output_format)
+    if attribute:
+        for line in seg.unseen_values(c.attributes.get(attribute, "") for c in cases):
+            (log or print)(line)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, case in enumerate(cases):

@@ -96,7 +96,7 @@ def test_sigterm_at_a_random_step_then_resume_matches_uninterrupted(fundus, stra
     _assert_same_run(resumed, straight, out, straight.out)
 
 
-def test_kill_between_checkpoint_and_state_write_still_resumes_exactly(
+def test_kill_between_state_and_checkpoint_write_still_resumes_exactly(
         fundus, straight, tmp_path, monkeypatch):
     import training.train_state as ts
 
@@ -104,9 +104,10 @@ def test_kill_between_checkpoint_and_state_write_still_resumes_exactly(
     real = ts.save_train_state
 
     def die_at_epoch_2(path, state):
+        result = real(path, state)
         if state.epoch == 2:
-            raise KeyboardInterrupt  # as if killed right after last.safetensors was replaced
-        return real(path, state)
+            raise KeyboardInterrupt  # as if killed right after the state was replaced
+        return result
 
     monkeypatch.setattr(ts, "save_train_state", die_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
@@ -114,9 +115,13 @@ def test_kill_between_checkpoint_and_state_write_still_resumes_exactly(
     monkeypatch.setattr(ts, "save_train_state", real)
     from training.checkpoint import read_header
 
-    assert read_header(out / "last.safetensors")[0]["provenance"]["epochs"] == 2
-    assert verify_last_pair(out).epoch == 1  # newer checkpoint + older state: accepted
+    assert read_header(out / "last.safetensors")[0]["provenance"]["epochs"] == 1
+    assert verify_last_pair(out).epoch == 2  # newer state + older checkpoint: accepted
+    # the state rebuilds epoch 2's last.safetensors bit for bit and the full history
     _assert_same_run(fit_cli.main(_args(fundus, out, "--resume")), straight, out, straight.out)
+    assert file_sha256(out / "last.safetensors") == \
+        load_train_state(out / "last.state.safetensors").model_file["sha256"]
+    assert [int(r["epoch"]) for r in csv.DictReader(open(out / "history.csv"))] == [1, 2]
 
 
 @pytest.mark.parametrize("damage", ["flip_weight_bytes", "truncate"])

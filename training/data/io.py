@@ -23,7 +23,9 @@ is returned as stored. Float masks with non-integer values raise ``DataError``.
 
 from __future__ import annotations
 
+import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +183,77 @@ def image_info(path: str | Path, key: str | None = None, *,
 
     Returns ``{"channels": C, "spatial_shape": (...), "suffix": str}`` without decoding
     pixel data (PIL size, tifffile series, npy mmap, npz member header, NIfTI header).
+
+    Raises:
+        DataError: unsupported, missing, damaged or truncated file (naming it), a NIfTI
+            header with non-finite spacing or a size no file of this length can hold.
+    """
+    try:
+        return _image_info(Path(path), key, spatial_dims)
+    except DataError:
+        raise
+    except _read_errors() as exc:
+        raise DataError(damaged_file_message(path, exc)) from None
+
+
+READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zipfile.BadZipFile,
+                                                zlib.error, MemoryError, ImportError)
+"""What decoding a damaged file raises in PIL, numpy, zipfile, gzip, tifffile; nibabel's
+``ImageFileError`` is added when nibabel is imported."""
+
+
+def damaged_file_message(path: str | Path, exc: BaseException) -> str:
+    """User-facing text for a file that cannot be decoded (names the file and the cause)."""
+    text = str(exc) or type(exc).__name__
+    return (f"{path}: cannot read the file ({text}); it is damaged, truncated or not what "
+            "its name says. Re-export or re-copy it.")
+
+
+NIFTI_GZIP_MAX_RATIO = 1100
+"""gzip (deflate) cannot compress more than about 1032:1, so a ``.nii.gz`` whose header
+promises more than this times its file size is truncated or lies."""
+
+
+def check_nifti(img: Any, path: str | Path) -> None:
+    """Refuse a NIfTI header before its data is read: spacing that is not a positive
+    number, or a data size the file cannot hold (or this machine cannot allocate).
+
+    Raises:
+        DataError: naming the file, the header values and what to do.
     """
     path = Path(path)
+    shape = tuple(int(s) for s in img.shape)
+    spatial = min(len(shape), 3)
+    zooms = [float(z) for z in img.header.get_zooms()[:spatial]]
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(f"{path}: the header's voxel spacing {tuple(zooms)} is not a positive "
+                        "number on every axis (pixdim is NaN, infinite or 0); fix the header "
+                        "(e.g. nibabel: img.header.set_zooms(...)) or re-export the file.")
+    itemsize = np.dtype(img.get_data_dtype()).itemsize
+    nbytes = int(np.prod(shape, dtype=object)) * itemsize
+    size = path.stat().st_size if path.is_file() else None
+    dims = "×".join(map(str, shape))
+    if size is not None:
+        limit = size * NIFTI_GZIP_MAX_RATIO if file_suffix(path) == ".nii.gz" else size
+        if nbytes > limit:
+            raise DataError(f"{path}: the header claims {dims} voxels ({nbytes / 2**30:.1f} "
+                            f"GiB of data) but the file has {size} bytes; the file is "
+                            "truncated or its header is corrupt. Re-export or re-copy it.")
+    memory = _physical_memory()
+    if memory and nbytes * 4 > memory:  # float32 copy + preprocessing
+        raise DataError(f"{path}: the volume is {dims} voxels ({nbytes / 2**30:.1f} GiB as "
+                        f"stored), more than this machine's memory ({memory / 2**30:.1f} GiB) "
+                        "can process; crop or downsample it first.")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _image_info(path: Path, key: str | None, spatial_dims: int | None) -> dict[str, Any]:
     if is_dicom_image(path):
         _, meta = _read_dicom(path, pixels=False)
         return {"channels": 1, "spatial_shape": meta["spatial_shape"], "suffix": DICOM_SUFFIX,
@@ -211,6 +282,7 @@ def image_info(path: str | Path, key: str | None = None, *,
         import nibabel as nib
 
         nifti = nib.load(path)
+        check_nifti(nifti, path)
         shape = _squeeze_nifti(tuple(nifti.shape))
         affine = np.asarray(nifti.affine, dtype=np.float64)  # NIfTI: geometry from the header
     axis = _channel_axis(shape, suffix, path, axes=axes, spatial_dims=spatial_dims)
@@ -239,7 +311,27 @@ def _read_pil(path: Path, as_label: bool) -> np.ndarray:
 
 def _read_array(path: Path, suffix: str, key: str | None, as_label: bool
                 ) -> tuple[np.ndarray, str | None, str | None, Any]:
-    """Decode a file: (array as stored, tiff axes or None, npz key or None, nibabel image)."""
+    """Decode a file: (array as stored, tiff axes or None, npz key or None, nibabel image).
+
+    A damaged or truncated file raises ``DataError`` naming it (never a library error)."""
+    try:
+        return _decode_array(path, suffix, key, as_label)
+    except DataError:
+        raise
+    except _read_errors() as exc:
+        raise DataError(damaged_file_message(path, exc)) from None
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from nibabel.filebasedimages import ImageFileError
+    except ImportError:
+        return READ_ERRORS
+    return (*READ_ERRORS, ImageFileError)
+
+
+def _decode_array(path: Path, suffix: str, key: str | None, as_label: bool
+                  ) -> tuple[np.ndarray, str | None, str | None, Any]:
     if suffix in PIL_SUFFIXES:
         return _read_pil(path, as_label), None, None, None
     if suffix in TIFF_SUFFIXES:
@@ -257,6 +349,7 @@ def _read_array(path: Path, suffix: str, key: str | None, as_label: bool
     import nibabel as nib
 
     img = nib.load(path)
+    check_nifti(img, path)
     data = np.asanyarray(img.dataobj)
     return data.reshape(_squeeze_nifti(data.shape)), None, None, img
 
@@ -320,8 +413,12 @@ def _as_integer_mask(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def read_label(path: str | Path, key: str | None = None) -> np.ndarray:
-    """Read a label mask as int64 ``(*spatial)`` class indices (see module docstring)."""
+def read_label(path: str | Path, key: str | None = None, *,
+               remap_255: bool = True) -> np.ndarray:
+    """Read a label mask as int64 ``(*spatial)`` class indices (see module docstring).
+
+    ``remap_255=False`` returns 8-bit 0/255 masks as stored (validation uses it to refuse
+    such masks in datasets with more than one foreground class)."""
     path = Path(path)
     suffix = _check_readable(path)
     array, axes, name, _ = _read_array(path, suffix, key, as_label=True)
@@ -340,7 +437,7 @@ def read_label(path: str | Path, key: str | None = None) -> np.ndarray:
     mask = _as_integer_mask(array, path)
     if name in FAIRSEG_LABEL_KEYS:
         mask = -mask
-    elif suffix in (*PIL_SUFFIXES, *TIFF_SUFFIXES) and array.dtype == np.uint8:
+    elif remap_255 and suffix in (*PIL_SUFFIXES, *TIFF_SUFFIXES) and array.dtype == np.uint8:
         values = np.unique(mask)
         if 255 in values and np.isin(values, (0, 255)).all():
             mask = (mask == 255).astype(np.int64)

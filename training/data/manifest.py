@@ -32,10 +32,17 @@ def read_manifest(path: str | Path) -> list[Case]:
         raise DataError(f"{path}: manifest not found; create a manifest.csv with at least an "
                         "`image` column (shared/DATA_FORMATS.md §1).")
     root = path.parent
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line "
+                        f"{line} cannot be decoded; the file was probably saved as Latin-1 / "
+                        "Windows-1252). Save it as UTF-8 (spreadsheet: 'CSV UTF-8'; shell: "
+                        "iconv -f latin1 -t utf-8) and retry.") from None
     if "image" not in columns:
         raise DataError(f"{path}: no `image` column (columns: {', '.join(columns) or 'none'}); "
                         "the manifest needs image,label,split,id,<attributes>.")

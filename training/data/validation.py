@@ -2,19 +2,23 @@
 
 ``validate_cases`` raises one ``DataError`` per kind of problem, naming the cases and
 files involved and what to do. Images are checked from their headers (PIL size,
-tifffile series, npy mmap, npz member header, NIfTI header); masks have to be decoded
-because their values are checked too.
+tifffile series, npy mmap, npz member header, NIfTI header), then decoded (with a progress
+bar) for NaN/inf values and sides too small to segment; masks are decoded because their
+values are checked too. All of it before any training starts.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from training.data.cases import SPLITS, Case, attribute_names
 from training.data.errors import DataError, first_lines
 from training.data.geometry import affine_mismatch, affines_match, axcodes
-from training.data.io import image_info, read_label
+from training.data.io import image_info, read_image, read_label
 
 
 def _check_splits(cases: list[Case], splits: tuple[str, ...] | list[str]) -> Counter:
@@ -66,10 +70,46 @@ def _check_files_exist(cases: list[Case], require_labels: bool) -> None:
                         f"are relative to the manifest's folder):\n{first_lines(missing)}")
 
 
+MIN_IMAGE_SIDE = 8
+"""Smallest image side the networks segment (``training.inference.MIN_SIDE``)."""
+
+
+def is_binary_255(path: Path, label: Any) -> bool:
+    """An 8-bit image mask holding only 0 and 255 (read with ``remap_255=False``)."""
+    from training.data.io import PIL_SUFFIXES, TIFF_SUFFIXES, file_suffix
+
+    if file_suffix(path) not in (*PIL_SUFFIXES, *TIFF_SUFFIXES) or not label.size:
+        return False
+    values = np.unique(label)
+    return 255 in values and bool(np.isin(values, (0, 255)).all())
+
+
+def _progress(cases: list[Case], enabled: bool):
+    """``cases`` with a tqdm bar on stderr (shown on terminals only)."""
+    if not enabled:
+        return cases
+    from tqdm import tqdm
+
+    return tqdm(cases, desc="checking images", unit="case", leave=False, disable=None)
+
+
+def _check_pixels(case: Case, spatial_dims: int | None, problems: dict[str, list[str]]) -> None:
+    """Decode the image: NaN/inf values and sides under ``MIN_IMAGE_SIDE``."""
+    image, meta = read_image(case.image, case.image_key, spatial_dims=spatial_dims)
+    shape = tuple(image.shape[1:])
+    if shape and min(shape) < MIN_IMAGE_SIDE:
+        problems["small"].append(f"case {case.id}: image {case.image.name} is "
+                                 f"{'×'.join(map(str, shape))}")
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:
+        problems["nonfinite"].append(f"case {case.id}: image {case.image.name} has {bad} "
+                                     "NaN/inf value(s)")
+
+
 def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int | None = None,
                    spatial_dims: int | None = None, require_labels: bool = True,
-                   check_files: bool = True, splits: tuple[str, ...] | list[str] = ()
-                   ) -> dict[str, Any]:
+                   check_files: bool = True, splits: tuple[str, ...] | list[str] = (),
+                   check_pixels: bool = True) -> dict[str, Any]:
     """Raise ``DataError`` if the cases cannot be trained or evaluated on.
 
     Checks, in order: requested ``splits`` are non-empty and split values valid; case ids
@@ -86,6 +126,9 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
         require_labels: every case must have a mask.
         check_files: read headers and masks (False: only the manifest-level checks).
         splits: splits that must hold at least one case, e.g. ``("train", "val")``.
+        check_pixels: with ``check_files``, decode every image (progress bar on a
+            terminal) and refuse NaN/inf values and sides under ``MIN_IMAGE_SIDE``; 8-bit
+            0/255 masks are refused when the dataset has more than one foreground class.
 
     Returns:
         Summary ``{"n_cases", "splits": {split: n}, "in_channels", "spatial_dims",
@@ -104,14 +147,18 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
     if not check_files:
         return summary
     _check_files_exist(cases, require_labels)
-    problems: dict[str, list[str]] = {"unreadable": [], "dims": [], "shape": [],
-                                      "affine": [], "values": [], "range": []}
+    problems: dict[str, list[str]] = {"unreadable": [], "dims": [], "small": [],
+                                      "nonfinite": [], "shape": [], "affine": [],
+                                      "values": [], "range": [], "binary255": []}
     channels: dict[int, list[str]] = {}
     dims_seen: set[int] = set()
     max_label = 0
-    for case in cases:
+    masks_255: list[str] = []
+    for case in _progress(cases, check_pixels):
         try:
             info = image_info(case.image, case.image_key, spatial_dims=spatial_dims)
+            if check_pixels:
+                _check_pixels(case, spatial_dims, problems)
         except DataError as err:
             problems["unreadable"].append(f"case {case.id}: {err}")
             continue
@@ -124,10 +171,13 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
         if case.label is None:
             continue
         try:
-            label = read_label(case.label, case.label_key)
+            label = read_label(case.label, case.label_key, remap_255=False)
         except DataError as err:
             problems["values"].append(f"case {case.id}: {err}")
             continue
+        if is_binary_255(case.label, label):
+            masks_255.append(f"case {case.id}: {case.label.name}")
+            label = (label == 255).astype(label.dtype)
         if tuple(label.shape) != tuple(info["spatial_shape"]):
             problems["shape"].append(f"case {case.id}: image {tuple(info['spatial_shape'])} vs "
                                      f"mask {tuple(label.shape)}")
@@ -141,6 +191,8 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
             max_label = max(max_label, high)
             if low < 0 or (num_classes is not None and high > num_classes - 1):
                 problems["range"].append(f"case {case.id}: mask values {low}..{high}")
+    if masks_255 and max(max_label, (num_classes or 2) - 1) > 1:
+        problems["binary255"] = masks_255
     _raise_problems(problems, num_classes, spatial_dims)
     if len(dims_seen) > 1:
         raise DataError("the dataset mixes 2D and 3D images; keep one kind per dataset.")
@@ -181,7 +233,14 @@ def _raise_problems(problems: dict[str, list[str]], num_classes: int | None,
         "affine": ("mask(s) are placed differently in the scanner than their image (affines "
                    "differ); the mask would not overlap its image. Re-export each mask on its "
                    "image's grid with the image's affine"),
+        "small": (f"image(s) are smaller than {MIN_IMAGE_SIDE} pixels on a side, the "
+                  "smallest the networks segment; remove them or resample them"),
+        "nonfinite": ("image(s) hold NaN or infinite values, which would train on garbage; "
+                      "fill or remove those pixels (e.g. numpy.nan_to_num) or drop the cases"),
         "values": "mask(s) cannot be used as class indices",
+        "binary255": ("mask(s) hold only 0 and 255, the binary (one-class) mask convention, "
+                      "but the dataset has more than one foreground class, so 255 cannot be "
+                      "mapped to a class; store class indices 0..K-1 in every mask"),
         "range": (f"mask(s) hold values outside {classes} (after remapping); fix the masks "
                   "or pass the right --classes"),
     }
