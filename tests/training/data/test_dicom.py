@@ -347,3 +347,31 @@ def test_mixed_orientation_and_duplicate_positions(tmp_path):
     _move_slice(files[5], (0, 0, -2.0))  # now at slice 4's position
     with pytest.raises(DicomError, match="two slices at the same position"):
         read_series(tmp_path / "b")
+
+
+def test_manifest_image_entries_may_be_dicom_folders(tmp_path):
+    import nibabel as nib
+
+    from training.data import read_case, validate_cases
+    from training.data.manifest import read_manifest
+
+    hu, affine = hu_volume(), oblique_affine()
+    shuffled_series(tmp_path / "case01", hu, affine)
+    shuffled_series(tmp_path / "case02", hu, affine)
+    mask = blob_mask(hu.shape).clip(0, 1)
+    nib.save(nib.Nifti1Image(mask, affine), str(tmp_path / "case01_label.nii.gz"))
+    flipped = affine @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[:3, 3] = affine[:3, 3] + affine[:3, 0] * (hu.shape[0] - 1)
+    nib.save(nib.Nifti1Image(mask[::-1], flipped), str(tmp_path / "case02_label.nii.gz"))
+    (tmp_path / "manifest.csv").write_text(
+        "image,label,t_stage\ncase01,case01_label.nii.gz,T2\n")
+    cases = read_manifest(tmp_path / "manifest.csv")
+    validate_cases(cases, "t_stage", num_classes=2, spatial_dims=3)
+    image, label, meta = read_case(cases[0])[:3]
+    assert image.shape == (1, *hu.shape) and label.shape == hu.shape
+    np.testing.assert_allclose(meta["affine"], affine, atol=1e-4)
+    (tmp_path / "manifest.csv").write_text(
+        "image,label,t_stage\ncase02,case02_label.nii.gz,T2\n")
+    with pytest.raises(DataError, match="case02"):
+        validate_cases(read_manifest(tmp_path / "manifest.csv"), "t_stage", num_classes=2,
+                       spatial_dims=3)
