@@ -249,6 +249,7 @@ def read_dicom(path: str | Path | list[str | Path]) -> list[LayerData]:
             dicom_series_uid=volume.series_instance_uid, dicom_modality=volume.modality)
         if volume.modality == "CT":
             kwargs["contrast_limits"] = [-160.0, 240.0]  # soft-tissue window (HU)
+            kwargs["metadata"][META]["kind"] = "ct"  # the widget suggests a CT model
         layers.append((data.astype(np.float32, copy=False), kwargs, "image"))
     if problems and not layers:
         raise problems[0]
