@@ -430,3 +430,22 @@ def test_fit_reports_disk_full_and_keeps_the_last_epoch(fundus_src, tmp_path, ca
     assert verify_last_pair(out).epoch == 1 and temp_files(out) == []
     assert not (out / LOCK_NAME).exists()
     assert fit_cli.main([*args, "--epochs", "2", "--resume"]).epochs_run == 2
+
+
+def test_fit_refuses_a_folder_locked_by_a_live_process(fundus_src, tmp_path, capsys):
+    import socket
+
+    from training import fit as fit_cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = os.getppid()  # alive, on this host, and not this process
+    (out / LOCK_NAME).write_text(json.dumps({"pid": holder, "host": socket.gethostname(),
+                                             "started": "2026-01-01T00:00:00", "token": "t"}))
+    with pytest.raises(SystemExit) as exc:
+        fit_cli.main(["--data", str(fundus_src), "--attribute", "race", "--epochs", "1",
+                      "--out", str(out), "--quiet", "--resume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"process {holder} on {socket.gethostname()}" in err and "in use" in err
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder  # not taken over
