@@ -449,3 +449,16 @@ def test_fit_refuses_a_folder_locked_by_a_live_process(fundus_src, tmp_path, cap
     err = capsys.readouterr().err
     assert f"process {holder} on {socket.gethostname()}" in err and "in use" in err
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder  # not taken over
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_npz_in_a_fairseg_folder_names_the_file(tmp_path, damage):
+    from training.data.fairseg import read_fairseg
+
+    good = _fairseg(tmp_path / "data_00001.npz")
+    bad = _fairseg(tmp_path / "data_00002.npz")
+    raw = bad.read_bytes()
+    bad.write_bytes(b"" if damage == "empty" else raw[: len(raw) // 3])
+    (tmp_path / "train.txt").write_text(f"{good.name}\n{bad.name}\n")
+    with pytest.raises(DataError, match="data_00002.npz.*Re-download"):
+        read_fairseg(tmp_path)

@@ -15,6 +15,8 @@ The reference code's older copies used other race codes (2/3/7); those stay as n
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +117,9 @@ def read_fairseg(folder: str | Path) -> list[Case]:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 attributes = fairseg_attributes(npz)
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot read the npz ({err}); re-download it.") from err
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise DataError(f"{path}: cannot read the npz ({err or type(err).__name__}); it is "
+                            "empty, truncated or damaged. Re-download it.") from None
         cases.append(Case(id=path.name[: -len(".npz")], image=path, label=path,
                           attributes=attributes, split=split, source="fairseg"))
     return cases
