@@ -159,3 +159,30 @@ def test_viewer_opens_a_series_folder(make_napari_viewer, series):
     assert [layer.name for layer in layers] == ["Pelvis 2mm"]
     assert layers[0].metadata[META]["dicom_source"] == str(series)
     np.testing.assert_allclose(layers[0].scale, [2.0, 0.8, 0.8], atol=1e-5)
+
+
+def test_sagittal_series_round_trips_through_the_layer_to_dicom_seg(tmp_path):
+    """A sagittal series is shown with its axes permuted toward R, A, S; the SEG writer
+    must hand the mask back in the series' own (column, row, slice) order."""
+    import nibabel as nib
+
+    from napari_dmoe._reader import nifti_image_layers
+
+    affine = np.zeros((4, 4))
+    affine[:3, :3] = [[0.0, 0.0, 3.0], [-0.7, 0.0, 0.0], [0.0, -0.9, 0.0]]  # i: P, j: I, k: R
+    affine[:, 3] = [-30.0, 60.0, 80.0, 1.0]
+    volume_hu = hu((24, 20, 8), seed=4)
+    write_ct_series(volume_hu, tmp_path / "sag", affine, description="sagittal")
+    volume = read_series(tmp_path / "sag", pixels=False)
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-4)
+    [(data, kwargs, _)] = napari_get_reader(str(tmp_path / "sag"))(str(tmp_path / "sag"))
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[5:15, 4:12, 2:6] = 1
+    [(layer_mask, _, _)] = nifti_image_layers(nib.Nifti1Image(mask, affine), "mask")
+    assert layer_mask.shape == data.shape
+    attributes = {"name": "seg", "metadata": {META: {**kwargs["metadata"][META],
+                                                     "class_names": ["background", "tumour"]}}}
+    [out] = write_labels_dicom_seg(str(tmp_path / "sag.seg.dcm"), layer_mask, attributes)
+    back = hd.seg.segread(out).get_pixels_by_source_instance(
+        source_sop_instance_uids=list(volume.sop_instance_uids), combine_segments=True)
+    np.testing.assert_array_equal(back.transpose(2, 1, 0), mask)
