@@ -16,10 +16,15 @@ Axis and geometry convention (shared by the reader, the writer and the widget):
 
       metadata["napari_dmoe"] = {"axes": "zyx", "affine": (4, 4) array,
                                  "nifti_header": bytes, "nifti_shape": (X, Y[, Z]),
-                                 "source": path}
+                                 "source": path, "axis_order": [i, j, k],
+                                 "voxel_affine": (4, 4) array}
 
-  so the writer transposes back with ``(2, 1, 0)`` and writes the source affine and header,
-  and the widget hands the model its training order ``(X, Y, Z)``.
+  Files that store the anatomy with permuted axes (e.g. S-R-A) are shown with their voxel
+  axes permuted toward R, A, S (``axis_order``: stored axis shown as layer x, y, z;
+  ``display_axis_order``); ``voxel_affine`` is the affine of the layer data transposed to
+  ``(X, Y, Z)`` (what ``Segmenter.segment(affine=...)`` takes with that array). The writer
+  transposes back with ``(2, 1, 0)``, undoes ``axis_order`` (``source_order``) and writes
+  the source affine and header, and the widget hands the model ``(X, Y, Z)``.
 - TIFF stacks are already ``(Z, Y, X)`` (tifffile's order); ImageJ ``spacing`` and the
   X/Y resolution tags become ``scale``, ImageJ ``xorigin``/``yorigin``/``zorigin`` (pixels)
   ``translate``, and a ``napari_dmoe_affine`` (written by our TIFF writer) the layer
@@ -145,8 +150,13 @@ def nifti_image_layers(img: Any, path: str | Path) -> list[LayerData]:
     zooms = [_tidy(z) for z in img.header.get_zooms()[:spatial]]
     origin = [_tidy(v) for v in np.asarray(img.affine)[:spatial, 3]]
     extra = data.ndim - spatial
-    if spatial == 3:  # scale from the affine's columns, so scale + rotation give the affine
-        zooms = [_tidy(z) for z in np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0)]
+    axis_order, voxel_affine = [0, 1, 2], np.asarray(img.affine, dtype=np.float64)
+    if spatial == 3:  # voxel axes permuted toward R, A, S (flips and rotation: layer affine)
+        axis_order = display_axis_order(img.affine)
+        data = np.transpose(data, axis_order + list(range(3, data.ndim)))
+        voxel_affine = voxel_affine[:, axis_order + [3]]
+        # scale from the affine's columns, so scale + rotation give the affine exactly
+        zooms = [_tidy(z) for z in np.linalg.norm(voxel_affine[:3, :3], axis=0)]
     # spatial axes reversed; any extra (channel/time) axes go first
     order = tuple(range(spatial, data.ndim)) + tuple(reversed(range(spatial)))
     layer = np.ascontiguousarray(np.transpose(data, order))
@@ -160,6 +170,9 @@ def nifti_image_layers(img: Any, path: str | Path) -> list[LayerData]:
         "nifti_shape": nifti_shape,
         "source": str(path),
     }
+    if spatial == 3:
+        meta["axis_order"] = axis_order
+        meta["voxel_affine"] = voxel_affine
     kwargs = {
         "name": file_stem(path),
         "scale": [1.0] * extra + zooms[::-1],
@@ -168,10 +181,31 @@ def nifti_image_layers(img: Any, path: str | Path) -> list[LayerData]:
         "metadata": {META: meta},
     }
     if spatial == 3:
-        kwargs["affine"] = scanner_rotation(img.affine, extra)
+        kwargs["affine"] = scanner_rotation(voxel_affine, extra)
     if is_labels:
         return [(layer.astype(_label_dtype(layer), copy=False), kwargs, "labels")]
     return [(layer, kwargs, "image")]
+
+
+def display_axis_order(affine: Any) -> list[int]:
+    """Stored voxel axis shown as layer x, y, z: the ones closest to R-L, A-P, S-I.
+
+    Files storing the anatomy in another axis order (a sagittal series, ``as_reoriented``
+    to S-R-A) would otherwise need an axis-swapping layer affine, which napari cannot
+    slice. Flips stay in the affine (napari slices those fine).
+    """
+    from nibabel.orientations import io_orientation
+
+    return [int(a) for a in np.argsort(io_orientation(np.asarray(affine, float))[:, 0])]
+
+
+def source_order(array: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Layer data transposed to ``(X, Y, Z)`` -> the stored file's voxel order (undoes
+    ``metadata["napari_dmoe"]["axis_order"]``; unchanged when there is none)."""
+    order = list(meta.get("axis_order") or [0, 1, 2])
+    if array.ndim < 3 or order == [0, 1, 2]:
+        return array
+    return np.transpose(array, [int(i) for i in np.argsort(order)] + list(range(3, array.ndim)))
 
 
 def scanner_rotation(affine: Any, extra: int = 0) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._reader import META, TIFF_AFFINE_KEY, TIFF_LABEL_TAG, file_suffix
+from ._reader import META, TIFF_AFFINE_KEY, TIFF_LABEL_TAG, file_suffix, source_order
 
 _UNIT_TO_NIFTI = {"mm": "mm", "millimeter": "mm", "m": "meter", "meter": "meter",
                   "um": "micron", "micrometer": "micron", "micron": "micron"}
@@ -60,7 +60,7 @@ def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list
     out = _with_suffix(path, (".nii", ".nii.gz"), ".nii.gz")
     labels = _check_labels(data, out)
     meta = (attributes.get("metadata") or {}).get(META, {})
-    array = np.transpose(labels, tuple(reversed(range(labels.ndim))))
+    array = source_order(np.transpose(labels, tuple(reversed(range(labels.ndim)))), meta)
     high = int(labels.max()) if labels.size else 0
     dtype = np.uint8 if high < 256 else np.int16 if high < 32768 else np.int32
     array = np.ascontiguousarray(array, dtype=dtype)
@@ -180,6 +180,7 @@ def _dicom_write(kind: str, path: str, data: Any, attributes: dict[str, Any]) ->
                          "or open the DICOM series folder, segment it and save that.")
     volume = read_series(source, meta.get("dicom_series_uid"), pixels=False)
     array = np.transpose(labels, tuple(reversed(range(labels.ndim))))  # -> (X, Y[, Z])
+    array = source_order(array, meta)  # the series' own voxel order (_reader.axis_order)
     if array.ndim == 2:
         array = array[:, :, None]
     names = list(meta.get("class_names") or [])

@@ -167,3 +167,93 @@ def test_old_fairseg_key_names_and_foreign_files(tmp_path):
     np.savez(other, weights=np.zeros(3))
     assert napari_get_reader(str(other)) is None
     assert napari_get_reader(str(tmp_path / "photo.png")) is None
+
+
+# -- scanner placement (issue 8) ----------------------------------------------------------
+def _world(kwargs, index):
+    """World point napari gives a layer index, built from the reader's kwargs."""
+    from napari.layers import Image
+
+    layer = Image(np.zeros([2] * len(kwargs["scale"]), np.float32),
+                  **{k: kwargs[k] for k in ("scale", "translate", "affine") if k in kwargs})
+    return np.asarray(layer.data_to_world(index), dtype=float)
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "SRA", "ILP", "PIR", "oblique"])
+def test_3d_layers_are_placed_in_scanner_millimetres(tmp_path, codes):
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    affine = _oblique_affine() if codes == "oblique" else np.diag([-0.9, -0.9, 2.5, 1.0])
+    affine[:3, 3] = [30.0, -12.5, 44.0]
+    volume = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    img = nib.Nifti1Image(volume, affine)
+    if codes != "oblique":
+        img = img.as_reoriented(ornt_transform(io_orientation(affine), axcodes2ornt(tuple(codes))))
+    path = tmp_path / "scan.nii.gz"
+    stored = np.asarray(img.dataobj)
+    _write_nifti(path, stored, img.affine)
+    (data, kwargs, _), = read_paths(str(path))
+    order = kwargs["metadata"][META]["axis_order"]
+    assert data.shape == tuple(stored.shape[i] for i in order)[::-1]
+    affine = nib.load(str(path)).affine
+    for ijk in ([0, 0, 0], [4, 1, 2], [1, 3, 0]):
+        ijk = [min(v, s - 1) for v, s in zip(ijk, stored.shape)]
+        index = [ijk[i] for i in order][::-1]  # layer (z, y, x) of stored voxel (i, j, k)
+        assert data[tuple(index)] == stored[tuple(ijk)]
+        ras = affine @ [*ijk, 1]
+        np.testing.assert_allclose(_world(kwargs, index), ras[2::-1], atol=1e-4)
+    # the mask written back is in the file's own voxel order, with its affine
+    labels = (data % 3).astype(np.uint8)
+    out, = write_labels_nifti(str(tmp_path / "mask"), labels, {"metadata": kwargs["metadata"]})
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), stored % 3)
+    np.testing.assert_allclose(nib.load(out).affine, affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "example4d.nii.gz"])
+def test_nibabel_test_files_open_with_their_scanner_placement(name):
+    from nibabel.testing import data_path
+
+    path = f"{data_path}/{name}"
+    img = nib.load(path)
+    (data, kwargs, kind), = read_paths(path)
+    extra = img.ndim - 3  # example4d: (X, Y, Z, T) -> layer (T, Z, Y, X)
+    assert kind == "image" and data.shape == (*img.shape[3:], *img.shape[2::-1])
+    for ijk in ([0, 0, 0], [10, 20, 5], [img.shape[0] - 1, 3, img.shape[2] - 1]):
+        ras = img.affine @ [*ijk, 1]
+        world = _world(kwargs, [0] * extra + ijk[::-1])
+        np.testing.assert_allclose(world[extra:], ras[2::-1], atol=1e-3)
+
+
+def test_nifti_writer_without_metadata_uses_the_layer_rotation(tmp_path):
+    source = tmp_path / "scan.nii.gz"
+    _write_nifti(source, np.zeros((5, 6, 7), np.float32), _oblique_affine())
+    (_, kwargs, _), = read_paths(str(source))
+    labels = np.zeros((7, 6, 5), np.uint8)
+    out, = write_labels_nifti(str(tmp_path / "mask"), labels,
+                              {k: kwargs[k] for k in ("scale", "translate", "affine")})
+    np.testing.assert_allclose(nib.load(out).affine, _oblique_affine(), atol=1e-4)
+
+
+def test_tiff_labels_round_trip_keeps_scale_origin_and_rotation(tmp_path):
+    source = tmp_path / "scan.nii.gz"
+    _write_nifti(source, np.zeros((5, 6, 7), np.float32), _oblique_affine())
+    (_, kwargs, _), = read_paths(str(source))
+    labels = np.zeros((7, 6, 5), np.uint8)
+    labels[2, 1:3, 4] = 1
+    attributes = {k: kwargs[k] for k in ("scale", "translate", "affine", "units")}
+    out, = write_labels_tiff(str(tmp_path / "seg.tif"), labels, attributes)
+    (back, again, kind), = read_paths(out)
+    assert kind == "labels"
+    np.testing.assert_array_equal(back, labels)
+    np.testing.assert_allclose(again["scale"], kwargs["scale"], rtol=1e-6)
+    np.testing.assert_allclose(again["translate"], [44.0, -12.5, 30.0], rtol=1e-6)
+    np.testing.assert_allclose(again["affine"], kwargs["affine"], atol=1e-9)
+    np.testing.assert_allclose(_world(again, [2, 1, 4]), _world(kwargs, [2, 1, 4]), atol=1e-4)
+
+
+def test_2d_tiff_round_trip_keeps_translate(tmp_path):
+    out, = write_labels_tiff(str(tmp_path / "seg.tif"), np.ones((8, 9), np.uint8),
+                             {"scale": [0.5, 0.25], "translate": [-3.0, 40.0]})
+    (_, kwargs, _), = read_paths(out)
+    np.testing.assert_allclose(kwargs["translate"], [-3.0, 40.0])
+    np.testing.assert_allclose(kwargs["scale"], [0.5, 0.25])
