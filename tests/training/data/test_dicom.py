@@ -375,3 +375,17 @@ def test_manifest_image_entries_may_be_dicom_folders(tmp_path):
     with pytest.raises(DataError, match="case02"):
         validate_cases(read_manifest(tmp_path / "manifest.csv"), "t_stage", num_classes=2,
                        spatial_dims=3)
+
+
+def test_decodable_compressed_series_reads_like_uncompressed(tmp_path):
+    from pydicom.uid import RLELossless
+
+    hu, affine = hu_volume(), oblique_affine()
+    files = shuffled_series(tmp_path / "ct", hu, affine)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)  # pydicom's own encoder: no plugin needed
+        ds.save_as(path)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == RLELossless
+    volume = read_series(tmp_path / "ct")
+    np.testing.assert_array_equal(volume.array, hu)
