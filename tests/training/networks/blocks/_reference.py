@@ -35,3 +35,27 @@ def reference_dmoe(layer, x: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
                                 accumulate=True)
         out.append(x[b] + y)
     return torch.stack(out)
+
+
+def reference_experts(bank, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert mixture ``(T, C)`` with a boolean-mask loop over experts and slots, plain autograd.
+
+    ``keep``: bool dropout mask ``(T, k, W)`` (W = hidden width for ``dropout_position``
+    ``"hidden"``, C for ``"output"``), applied with the ``1/(1-p)`` scale; None = no dropout.
+    """
+    out = torch.zeros_like(x)
+    scale = 1.0 / (1.0 - bank.dropout)
+    for e in range(bank.num_experts):
+        for j in range(indices.shape[1]):
+            rows = (indices[:, j] == e).nonzero()[:, 0]
+            if rows.numel() == 0:
+                continue
+            h = torch.relu(x[rows] @ bank.w1[e] + bank.b1[e])
+            if keep is not None and bank.dropout_position == "hidden":
+                h = h * keep[rows, j] * scale
+            y = h @ bank.w2[e] + bank.b2[e]
+            if keep is not None and bank.dropout_position == "output":
+                y = y * keep[rows, j] * scale
+            out = out.index_add(0, rows, gates[rows, j, None] * y)
+    return out
