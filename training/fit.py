@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> FitResult:
     parser = build_parser()
     args = parse_with_config(parser, argv, required=("data",))
-    from .data import DataError
     from .checkpoint import CheckpointWriteError
+    from .data import DataError
     from .engine import NonFiniteLoss, TrainingInterrupted
 
     main_rank = os.environ.get("RANK", "0") == "0"  # other torchrun ranks stay silent

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from training.checkpoint import (
@@ -26,8 +25,8 @@ from training.checkpoint import (
     temp_files,
 )
 from training.data import DataError, make_synthetic_dataset, validate_cases
-from training.data.manifest import read_manifest
 from training.data.io import read_image, read_label
+from training.data.manifest import read_manifest
 from training.networks import create_model
 from training.run_folder import LOCK_NAME, RunFolderError, open_run_folder
 
@@ -173,7 +172,8 @@ def test_fairseg_mask_of_another_shape_is_refused(tmp_path):
     path = _fairseg(tmp_path / "data_00002.npz", 64, 10)
     case = Case(id="data_00002", image=path, label=path, attributes={"race": "White"},
                 split="train", image_key="slo_fundus", label_key="disc_cup_mask")
-    with pytest.raises(DataError, match=r"(?s)different spatial shape.*\(64, 64\) vs mask \(10, 10\)"):
+    shapes = r"(?s)different spatial shape.*\(64, 64\) vs mask \(10, 10\)"
+    with pytest.raises(DataError, match=shapes):
         validate_cases([case], "race", spatial_dims=2)
 
 

@@ -29,9 +29,8 @@ def fit(config: FitConfig) -> FitResult:
         ValueError: bad settings, or ``--resume`` found nothing usable (``StateError``).
     """
     from ..distributed import setup_distributed, teardown_distributed
-    from ..inference import resolve_device
-
     from ..engine import TrainingLog
+    from ..inference import resolve_device
     from ..run_folder import open_shared_run_folder
 
     seed_everything(config.seed)
