@@ -32,11 +32,13 @@ PERPENDICULAR_TOL = 1e-3
 """|cos(angle) - 1| between slice offsets and the normal (about 2.6°), as highdicom."""
 ORIENTATION_TOL = 1e-4
 IDENTITY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
+    "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
     "ReferringPhysicianName", "StudyDescription",
 )
-"""Patient and study identity copied from the source into DICOM-SEG / RTSTRUCT."""
+"""Patient and study identity copied from the source into DICOM-SEG / RTSTRUCT (with the
+character set its names are encoded in)."""
 
 
 @dataclass(frozen=True)
