@@ -113,6 +113,67 @@ def test_gloo_collectives_in_two_processes(tmp_path):
         assert r["flags"] == [True, False] and r["sum"] == [4.0]
 
 
+_GROUP_LOSS_WORKER = """
+    import json, sys, torch
+    from pathlib import Path
+    from training.distributed import setup_distributed, teardown_distributed
+    from training.losses import build_loss
+    info = setup_distributed(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    B, K = 8, 3  # global batch; rank r takes samples r::world
+    x = torch.randn(B, 2, 6, 6, generator=gen)
+    y = torch.randint(0, K, (B, 6, 6), generator=gen)
+    groups = torch.tensor([0, 0, 0, 0, 1, 2, 0, 1])  # rank 0 of 2 sees no group 2
+    sl = slice(info.rank, None, info.world_size)
+    out = {}
+    for name, kw in [("febs", {}), ("febs", {"missing": "present"}), ("groupdro", {"eta": 0.5}),
+                     ("dicece", {"dice": "reference"})]:
+        torch.manual_seed(1)
+        net = torch.nn.Conv2d(2, K, 3, padding=1)
+        model = torch.nn.parallel.DistributedDataParallel(net) if info.distributed else net
+        loss_fn = build_loss(name, num_classes=K, num_groups=3, **kw).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        values = []
+        for _ in range(3):
+            loss = loss_fn(model(x[sl]), y[sl], groups[sl])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            values.append(loss.item())
+        key = name + "".join(f"_{v}" for v in kw.values())
+        out[key] = {"values": values, "weight": net.weight.flatten().tolist(),
+                    "q": loss_fn.q.tolist() if hasattr(loss_fn, "q") else None}
+    Path(sys.argv[0]).with_name(f"{sys.argv[1]}{info.rank}.json").write_text(json.dumps(out))
+    teardown_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_group_losses_two_processes_equal_one_process(tmp_path):
+    """FEBS (both missing-group modes), GroupDRO (and its q) and the batch-pooled reference
+    Dice: 2 gloo ranks with half the batch each train exactly like 1 process with all of it."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(_GROUP_LOSS_WORKER))
+    _torchrun([str(script), "ddp"], module=None)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    subprocess.run([sys.executable, str(script), "single"], check=True, env=env, timeout=300)
+    single = json.loads((tmp_path / "single0.json").read_text())
+    ranks = [json.loads((tmp_path / f"ddp{rank}.json").read_text()) for rank in (0, 1)]
+    for key, one in single.items():
+        # CE is a per-rank mean (DDP averages it); the pooled terms are global on every rank
+        mean = [(a + b) / 2 for a, b in zip(ranks[0][key]["values"], ranks[1][key]["values"])]
+        assert mean == pytest.approx(one["values"], rel=1e-5, abs=1e-7), key
+    for ddp in ranks:
+        assert set(ddp) == set(single) == {"febs", "febs_present", "groupdro_0.5",
+                                           "dicece_reference"}
+        for key, one in single.items():
+            assert ddp[key]["weight"] == pytest.approx(one["weight"], rel=1e-4, abs=1e-6), key
+            if one["q"] is not None:
+                assert ddp[key]["q"] == pytest.approx(one["q"], rel=1e-5), key
+    # the losses did train (a test that can fail): the weights moved from their init
+    assert single["febs"]["values"][0] != single["febs"]["values"][-1]
+
+
 def test_two_process_fit_writes_loadable_checkpoint_once(ddp_one_epoch):
     out, proc = ddp_one_epoch
     for name in ("best.safetensors", "last.safetensors", "last.state.safetensors",

@@ -1,4 +1,5 @@
-"""Tests for training.losses: DiceCE, FEBS and GroupDRO."""
+"""Tests for training.losses: DiceCE, FEBS (against a transcription of the FairSeg reference)
+and GroupDRO."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss as MonaiDiceCE
 from monai.losses import DiceLoss
 
-from training.losses import LOSS_NAMES, FEBSLoss, GroupDROLoss, build_loss
+import numpy as np
+
+from training.losses import DiceCELoss, FEBSLoss, GroupDROLoss, build_loss
 
 K = 3
 
@@ -34,7 +37,7 @@ def _good_bad_batch(n_good=2, n_bad=2, spatial=(6, 6)):
     return logits.requires_grad_(True), target, groups
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", ["dicece", "febs", "groupdro"])
 @pytest.mark.parametrize("spatial", [(8, 8), (4, 5, 6)])
 def test_losses_scalar_finite_with_gradients(name, spatial):
     loss_fn = build_loss(name, num_classes=K, num_groups=3)
@@ -73,44 +76,100 @@ def test_build_loss_errors():
         loss_fn(logits, target[:, :3], torch.tensor([0, 1]))
 
 
-def test_febs_weights_follow_fairseg_direction():
-    """w_a = tanh(min_b L_b / L_a): the worse group gets the smaller weight, which scales
-    its predictions down and so inflates its Dice loss (FairSeg reference code)."""
+# -- FEBS: an independent, plain transcription of FairSeg's TransUNet/utils.py febs_loss ----
+def _ref_dice(score, target):
+    smooth = 1e-5
+    intersect = torch.sum(score * target)
+    y_sum = torch.sum(target * target)
+    z_sum = torch.sum(score * score)
+    return 1 - (2 * intersect + smooth) / (z_sum + y_sum + smooth)
+
+
+def _reference_febs(logits, label, attr, n_classes, n_attr, gamma):
+    """0.5·CE + 0.5·febs_loss(logits, label, attr, softmax=True), as the reference trainer."""
+    inputs = torch.softmax(logits, dim=1)
+    target = torch.cat([(label == i).unsqueeze(1) for i in range(n_classes)], dim=1).float()
+    attr = np.asarray(attr)
+    tmp_weights = np.zeros(n_attr)
+    for x in np.unique(attr):
+        tmp_input, tmp_target = inputs[attr == x], target[attr == x]
+        tmp_loss = 0.0
+        for i in range(n_classes):
+            tmp_loss += _ref_dice(tmp_input[:, i], tmp_target[:, i])
+        tmp_weights[x] = float(tmp_loss.detach())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tmp_weights = (np.min(tmp_weights) / tmp_weights) ** gamma
+    w = torch.tanh(torch.tensor(tmp_weights, dtype=torch.float32))
+    loss = 0.0
+    for i in range(n_classes):
+        loss += _ref_dice(inputs[:, i] * w[attr][:, None, None], target[:, i])
+    return 0.5 * F.cross_entropy(logits, label) + 0.5 * loss / n_classes
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_febs_matches_reference_loss_and_gradients(seed, gamma):
+    gen = torch.Generator().manual_seed(seed)
+    B = 6
+    if seed % 2:  # a group missing from the batch: the reference weights are all tanh(0)
+        groups = torch.randint(0, 2, (B,), generator=gen)
+    else:  # every group present
+        groups = torch.tensor([0, 1, 2] + torch.randint(0, 3, (B - 3,), generator=gen).tolist())
+    logits = (2 * torch.randn(B, K, 10, 12, generator=gen)).requires_grad_(True)
+    target = torch.randint(0, K, (B, 10, 12), generator=gen)
+    ours = FEBSLoss(num_classes=K, num_groups=3, gamma=gamma)(logits, target, groups)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    ref = _reference_febs(logits, target, groups.numpy(), K, 3, gamma)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_febs_missing_group_zeroes_weights_unless_present_option():
+    logits, target, _ = _batch((6, 6), [0, 0, 0, 0], seed=3)
+    probs, onehot = logits.softmax(1), F.one_hot(target, K).movedim(-1, 1).float()
+    groups = torch.tensor([0, 0, 1, 1])  # group 2 of 3 absent
+    ref = FEBSLoss(num_classes=K, num_groups=3).group_weights(probs, onehot, groups)
+    assert ref.tolist() == [0.0, 0.0, 0.0, 0.0]
+    ours = FEBSLoss(num_classes=K, num_groups=3, missing="present").group_weights(
+        probs, onehot, groups)
+    assert max(ours.tolist()) == pytest.approx(math.tanh(1.0))
+    assert min(ours.tolist()) < math.tanh(1.0)
+
+
+def test_febs_worst_group_gets_smallest_weight():
     logits, target, groups = _good_bad_batch()
     loss_fn = FEBSLoss(num_classes=K, num_groups=2)
-    probs = logits.softmax(1)
-    onehot = F.one_hot(target, K).movedim(-1, 1).float()
+    probs, onehot = logits.softmax(1), F.one_hot(target, K).movedim(-1, 1).float()
     w = loss_fn.group_weights(probs, onehot, groups)
-    assert not w.requires_grad
-    pooled = DiceLoss(softmax=False, batch=True)  # soft Dice pooled over a group's samples
-    l_good = pooled(probs[:2], onehot[:2]).item()
-    l_bad = pooled(probs[2:], onehot[2:]).item()
-    assert l_bad > l_good
-    assert w[:2].tolist() == pytest.approx([math.tanh(1.0)] * 2, rel=1e-5)
-    ratio = (l_good + 1e-5) / (l_bad + 1e-5)  # the ratio carries the Dice smoothing 1e-5
-    assert w[2:].tolist() == pytest.approx([math.tanh(ratio)] * 2, rel=1e-4)
-    assert w[2] < w[0]
-    # the scaled Dice term is larger than the plain one, most of all relative to a
-    # group whose weight is larger
-    plain = build_loss("dicece", num_classes=K, num_groups=2)(logits, target, groups)
-    assert loss_fn(logits, target, groups) > plain
-    # gamma sharpens the contrast
+    assert w[0].item() == pytest.approx(math.tanh(1.0))  # best group: ratio 1
+    assert w[2].item() < w[0].item()  # the bad group gets the larger error bound
     w2 = FEBSLoss(num_classes=K, num_groups=2, gamma=2.0).group_weights(probs, onehot, groups)
-    assert w2[2] < w[2]
+    assert w2[2].item() < w[2].item()  # a larger gamma sharpens it
 
 
-def test_febs_missing_and_unknown_groups():
-    loss_fn = build_loss("febs", num_classes=K, num_groups=4)
+def test_febs_all_unknown_is_reference_dicece():
     logits, target, _ = _batch((6, 6), [0, 0, 0])
-    only_one = loss_fn(logits, target, torch.tensor([2, 2, -1]))
-    assert torch.isfinite(only_one)
-    # all unknown: every weight is 1, so FEBS reduces exactly to DiceCE
     unknown = torch.tensor([-1, -1, -1])
+    febs = FEBSLoss(num_classes=K, num_groups=4)
+    probs, onehot = logits.softmax(1), F.one_hot(target, K).movedim(-1, 1).float()
+    assert febs.group_weights(probs, onehot, unknown).tolist() == [1.0, 1.0, 1.0]
+    dicece = DiceCELoss(K, 4, dice="reference")(logits, target, unknown)
+    assert febs(logits, target, unknown).item() == pytest.approx(dicece.item(), rel=1e-6)
+
+
+def test_reference_dice_form_is_squared_and_batch_pooled():
+    logits, target, groups = _batch((5, 7), [0, 1, 0])
     probs = logits.softmax(1)
     onehot = F.one_hot(target, K).movedim(-1, 1).float()
-    assert loss_fn.group_weights(probs, onehot, unknown).tolist() == [1.0, 1.0, 1.0]
-    dicece = build_loss("dicece", num_classes=K, num_groups=4)(logits, target, unknown)
-    assert loss_fn(logits, target, unknown).item() == pytest.approx(dicece.item(), rel=1e-5)
+    expected = sum(_ref_dice(probs[:, i], onehot[:, i]) for i in range(K)) / K
+    value = DiceCELoss(K, 2, lambda_ce=0.0, lambda_dice=1.0, dice="reference")(
+        logits, target, groups)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="dice"):
+        DiceCELoss(K, 2, dice="squared")
+    with pytest.raises(ValueError, match="missing"):
+        FEBSLoss(K, 2, missing="skip")
 
 
 def _per_sample_dicece(logits, target):

@@ -3,7 +3,7 @@
 ``make_synthetic_dataset(kind, out, n, seed)`` writes a generic manifest
 (shared/DATA_FORMATS.md §1): ``manifest.csv`` (image,label,split,id,<attribute>),
 ``images/``, ``labels/`` and ``dataset.json`` (classes, groups, policies, suggested
-preprocessing). Splits are 70/15/15, stratified by attribute, and every group appears in
+preprocessing). Splits are 80/10/10, stratified by attribute, and every group appears in
 train, val and test. Files are byte-identical for a given (kind, n, seed).
 
 Design. Each structure is a smooth blob whose visible edge is a wide soft ramp of the
@@ -45,7 +45,7 @@ from training.data.synthetic_images import draw_ct, draw_fundus, draw_skin
 
 KINDS = ("fundus", "skin", "ct")
 DEFAULT_N = {"fundus": 400, "skin": 400, "ct": 60}
-SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}
+SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}
 CT_SHAPE, CT_SPACING = (64, 64, 32), (0.9, 0.9, 2.5)
 FUNDUS_SIZE, SKIN_SIZE = 192, (120, 160)
 
@@ -119,7 +119,7 @@ def group_counts(kind: str, n: int) -> dict[str, int]:
 
 
 def _assign(kind: str, n: int, seed: int) -> tuple[list[str], list[str]]:
-    """Group and split of every case index (stratified 70/15/15)."""
+    """Group and split of every case index (stratified 80/10/10)."""
     rng = np.random.default_rng([seed, _KIND_CODE[kind], 0])
     counts = group_counts(kind, n)
     groups = [g for g in GROUPS[kind] for _ in range(counts[g])]

@@ -1,0 +1,329 @@
+"""``python -m training.benchmark``: every method × seed with the same budget, evaluated on
+the test split, summarised with paired-bootstrap confidence intervals.
+
+    python -m training.benchmark --data D --attribute A \\
+        --methods none,moe,dmoe,febs,groupdro,adv,separate --seeds 3 --out DIR [fit flags]
+
+Any ``training.fit`` flag sets the shared budget (``--epochs``, ``--image-size``, …);
+``--seed S`` is the first seed (seeds ``S … S+N−1``). Methods (``training.protocol.METHODS``):
+``none`` TransUNet/ResUNet, ``moe`` attribute-blind MoE, ``dmoe``, ``febs``, ``groupdro``,
+``adv`` (gradient-reversal discriminator), ``separate`` (one backbone per group).
+
+Each run trains with :func:`training.fitting.fit` into ``DIR/runs/METHOD/seedS`` and is
+evaluated with :func:`training.evaluate.evaluate` into ``…/test``; a run whose
+``test/run.json`` exists is skipped, so rerunning the same command resumes (an
+interrupted training continues from its last epoch). Outputs:
+
+- ``DIR/results.csv``: one row per method, seed and group (plus group ``all`` with ES);
+- ``DIR/summary.json``: ``{"methods": {M: {"es_dice": {"mean", "std"}, "dice", "es_iou",
+  "iou", "groups": {G: {"mean", "std", "n"}}, "gflops", "params"}}, "vs": {M:
+  {"baseline", "es_dice_diff": {"mean", "ci95"}, "groups": {G: {"mean", "ci95"}}}}}``;
+- ``DIR/summary.md``: the paper's table (×100, mean ± std over seeds) and the CIs;
+- ``DIR/violin.png``: per-group Dice distributions per method (cases pooled over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .protocol import METHOD_TITLES, METHODS
+from .stats import RunScores, known_groups, mean_std, paired_bootstrap, summary_of
+
+METRICS = ("es_dice", "dice", "es_iou", "iou")
+
+
+@dataclasses.dataclass
+class BenchmarkResult:
+    out: Path
+    summary: dict[str, Any]
+    ran: list[tuple[str, int]]
+    skipped: list[tuple[str, int]]
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return Path(out) / "runs" / method / f"seed{seed}"
+
+
+def method_config(base: Any, method: str, seed: int, out: Path):
+    """The ``FitConfig`` of one run: ``base`` with the method's settings and the seed."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    changes = dict(METHODS[method])
+    if changes.get("arch") == "separate":
+        kwargs = dict(base.model_kwargs)
+        kwargs.setdefault("backbone", base.arch)
+        changes["model_kwargs"] = kwargs
+    return dataclasses.replace(base, **changes, seed=seed, out=str(run_dir(out, method, seed)),
+                               resume=True, quiet=True)
+
+
+def cost_of(checkpoint: Path) -> dict[str, float]:
+    """Parameters and inference GFLOPs (batch 1; ``separate``: all group models, the
+    paper's convention) of a trained checkpoint at its training input size."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .flops import count_flops, count_params
+
+    model, meta = load_checkpoint(checkpoint, device="cpu")
+    pre = meta["preprocessing"]
+    size = pre.get("image_size") or pre.get("patch_size")
+    channels = int(pre.get("in_channels") or 1)
+    with torch.no_grad():
+        flops = count_flops(model, (1, channels, *size))
+    return {"params": int(count_params(model)), "gflops": flops.total / 1e9}
+
+
+def run_one(config: Any, data: str, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+    """Train (or resume) one run, evaluate its best checkpoint on the test split."""
+    from .evaluate import evaluate
+    from .fitting import fit
+
+    out = Path(config.out)
+    start = time.perf_counter()
+    result = fit(config)
+    ev = evaluate(result.best_checkpoint, data, out / "test", split="test", format=config.format,
+                  device=config.device)
+    cost = cost_of(result.best_checkpoint)
+    info = {"best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - start, 1),
+            **cost}
+    records = [{"id": str(r["id"]), "group": str(r.get("group")),
+                "dice": [float(v) for v in r["dice"]], "iou": [float(v) for v in r["iou"]]}
+               for r in ev.records]
+    (out / "test" / "records.json").write_text(json.dumps(records))
+    (out / "test" / "run.json").write_text(json.dumps(info, indent=2))  # written last: done
+    log(f"  ES-Dice {ev.summary['mean']['es_dice']:.4f} Dice {ev.summary['mean']['dice']:.4f} "
+        f"(best epoch {result.best_epoch}, {info['seconds']:.0f} s)")
+    return records, info
+
+
+def load_run(out: Path, method: str, seed: int) -> tuple[list[dict], dict] | None:
+    """A finished run's per-case records and cost, or None if it has not finished."""
+    test = run_dir(out, method, seed) / "test"
+    if not (test / "run.json").is_file() or not (test / "records.json").is_file():
+        return None
+    records = json.loads((test / "records.json").read_text())
+    return records, json.loads((test / "run.json").read_text())
+
+
+def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
+              baseline: str = "none", n_boot: int = 2000,
+              log: Callable[[str], None] = print) -> BenchmarkResult:
+    """Run every method × seed (skipping finished runs) and write the summaries.
+
+    Args:
+        base: a ``FitConfig`` with the shared budget (its ``out``/``seed``/method fields are
+            replaced per run).
+        methods: names from ``training.protocol.METHODS``.
+        seeds: training seeds.
+        out: output folder.
+        baseline: method the others are compared with (the first method if absent).
+        n_boot: bootstrap replicates for the confidence intervals.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    ran, skipped = [], []
+    runs: dict[str, dict[int, tuple[list[dict], dict]]] = {m: {} for m in methods}
+    total = len(methods) * len(seeds)
+    for i, (seed, m) in enumerate(((s, m) for s in seeds for m in methods), start=1):
+        done = load_run(out, m, seed)
+        if done is not None:
+            skipped.append((m, seed))
+            runs[m][seed] = done
+            continue
+        log(f"[{i}/{total}] {m} seed {seed}")
+        runs[m][seed] = run_one(method_config(base, m, seed, out), base.data, log)
+        ran.append((m, seed))
+    summary = summarise(runs, baseline if baseline in methods else methods[0], n_boot)
+    write_outputs(out, runs, summary)
+    return BenchmarkResult(out, summary, ran, skipped)
+
+
+def summarise(runs: dict[str, dict[int, tuple[list[dict], dict]]], baseline: str,
+              n_boot: int) -> dict[str, Any]:
+    """``summary.json``'s content from every run's records (see the module docstring)."""
+    scores = {m: {s: RunScores.from_records(r[0]) for s, r in by_seed.items()}
+              for m, by_seed in runs.items()}
+    methods: dict[str, Any] = {}
+    for m, by_seed in scores.items():
+        per_seed = {s: {"dice": summary_of(sc.dice, sc.groups),
+                        "iou": summary_of(sc.iou, sc.groups)} for s, sc in by_seed.items()}
+        groups = sorted({g for sc in by_seed.values() for g in known_groups(sc.groups)})
+        first = next(iter(by_seed.values()))
+        costs = [r[1] for r in runs[m].values()]
+        methods[m] = {
+            "es_dice": mean_std([p["dice"]["es"] for p in per_seed.values()]),
+            "dice": mean_std([p["dice"]["overall"] for p in per_seed.values()]),
+            "es_iou": mean_std([p["iou"]["es"] for p in per_seed.values()]),
+            "iou": mean_std([p["iou"]["overall"] for p in per_seed.values()]),
+            "groups": {g: {**mean_std([p["dice"]["groups"][g] for p in per_seed.values()
+                                       if g in p["dice"]["groups"]]),
+                           "n": int((first.groups == g).sum())} for g in groups},
+            "gflops": float(costs[0]["gflops"]), "params": int(costs[0]["params"]),
+            "seeds": sorted(by_seed),
+            "best_epochs": [int(r[1].get("best_epoch", 0)) for r in runs[m].values()],
+        }
+    vs: dict[str, Any] = {}
+    for m in scores:
+        if m == baseline:
+            continue
+        boot = paired_bootstrap(scores[m], scores[baseline], "dice", n_boot=n_boot)
+        vs[m] = {"baseline": baseline, "es_dice_diff": boot["es"],
+                 "dice_diff": boot["overall"],
+                 "groups": {k.split(":", 1)[1]: v for k, v in boot.items()
+                            if k.startswith("group:")}}
+    return {"methods": methods, "vs": vs, "baseline": baseline,
+            "bootstrap": {"replicates": n_boot, "resampled": "seeds, then test cases "
+                          "within each group (paired: same cases for both methods)"}}
+
+
+def write_outputs(out: Path, runs: dict[str, dict[int, tuple[list[dict], dict]]],
+                  summary: dict[str, Any]) -> None:
+    """results.csv, summary.json, summary.md and violin.png in ``out``."""
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", "group", "n", "dice", "iou", "es_dice", "es_iou"])
+        for m, by_seed in runs.items():
+            for s, (records, _) in sorted(by_seed.items()):
+                sc = RunScores.from_records(records)
+                d, i = summary_of(sc.dice, sc.groups), summary_of(sc.iou, sc.groups)
+                w.writerow([m, s, "all", sc.ids.size, f"{d['overall']:.6f}",
+                            f"{i['overall']:.6f}", f"{d['es']:.6f}", f"{i['es']:.6f}"])
+                for g in known_groups(sc.groups):
+                    w.writerow([m, s, g, int((sc.groups == g).sum()), f"{d['groups'][g]:.6f}",
+                                f"{i['groups'][g]:.6f}", "", ""])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(summary_markdown(summary))
+    plot_methods_violin(runs, out / "violin.png")
+
+
+def _pm(v: dict[str, float]) -> str:
+    return f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The paper's table layout (×100, mean ± std over seeds) and the paired CIs."""
+    methods = summary["methods"]
+    groups = sorted({g for m in methods.values() for g in m["groups"]})
+    ns = {g: next(m["groups"][g]["n"] for m in methods.values() if g in m["groups"])
+          for g in groups}
+    head = (["method", "ES-Dice", "Dice"] + [f"Dice {g} (n={ns[g]})" for g in groups]
+            + ["ES-IoU", "IoU", "GFLOPs", "params (M)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, v in methods.items():
+        cells = [METHOD_TITLES.get(m, m), _pm(v["es_dice"]), _pm(v["dice"])]
+        cells += [_pm(v["groups"][g]) if g in v["groups"] else "—" for g in groups]
+        cells += [_pm(v["es_iou"]), _pm(v["iou"]), f"{v['gflops']:.2f}",
+                  f"{v['params'] / 1e6:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = max(len(v["seeds"]) for v in methods.values())
+    lines += ["", f"×100, mean ± std over {seeds} seed(s); group n = test cases per seed."]
+    if summary["vs"]:
+        base = summary["baseline"]
+        lines += ["", f"Difference from {METHOD_TITLES.get(base, base)} (×100, mean over "
+                  "seeds [95 % paired bootstrap CI over seeds and test cases]):", ""]
+        head = ["method", "ES-Dice", "Dice"] + [f"Dice {g}" for g in groups]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def ci(d: dict[str, Any]) -> str:
+            lo, hi = d["ci95"]
+            return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+        for m, v in summary["vs"].items():
+            cells = [METHOD_TITLES.get(m, m), ci(v["es_dice_diff"]), ci(v["dice_diff"])]
+            cells += [ci(v["groups"][g]) if g in v["groups"] else "—" for g in groups]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods_violin(runs: dict[str, dict[int, tuple[list[dict], dict]]],
+                        path: Path) -> Path:
+    """Per-group Dice (class mean per case, cases of all seeds) per method, one panel per
+    method, like Figure 1 of Oh et al. 2025."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = list(runs)
+    scores = {m: [RunScores.from_records(r[0]) for r in runs[m].values()] for m in methods}
+    groups = sorted({g for m in methods for sc in scores[m] for g in known_groups(sc.groups)})
+    fig = Figure(figsize=(2.0 + 1.0 * len(groups) * len(methods) * 0.75, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(methods), squeeze=False, sharey=True)[0]
+    for ax, m in zip(axes, methods, strict=True):
+        dice = np.concatenate([sc.dice for sc in scores[m]])
+        grp = np.concatenate([sc.groups for sc in scores[m]]).astype(str)
+        for x, g in enumerate(groups, start=1):
+            vals = dice[grp == g]
+            if vals.size == 0:
+                continue
+            if np.unique(vals).size >= 2:
+                body = ax.violinplot(vals, positions=[x], widths=0.8, showextrema=False)
+                for b in body["bodies"]:
+                    b.set_facecolor(f"C{(x - 1) % 10}")
+                    b.set_alpha(0.4)
+            ax.hlines(vals.mean(), x - 0.3, x + 0.3, colors="black", linewidth=2)
+        ax.set_xticks(range(1, len(groups) + 1))
+        ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=8)
+        ax.set_title(METHOD_TITLES.get(m, m), fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("test Dice per case (mean over classes)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .fit import build_parser as fit_parser
+
+    p = fit_parser()
+    p.prog = "python -m training.benchmark"
+    p.description = __doc__.split("\n")[0]
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    g.add_argument("--seeds", type=int, default=3, help="number of seeds (from --seed)")
+    g.add_argument("--baseline", default="none", help="method the CIs compare with")
+    g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates")
+    return p
+
+
+def main(argv: list[str] | None = None) -> BenchmarkResult:
+    from .cli import parse_with_config
+    from .data import DataError
+    from .fitting import FitConfig
+
+    parser = build_parser()
+    args = parse_with_config(parser, argv, required=("data",))
+    own = {"methods", "seeds", "baseline", "bootstrap", "config"}
+    try:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        base = FitConfig(**{k: v for k, v in vars(args).items() if k not in own
+                            and k != "moe"}, moe="none")
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        result = benchmark(base, methods, seeds, args.out, baseline=args.baseline,
+                           n_boot=args.bootstrap)
+    except (DataError, ValueError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print((result.out / "summary.md").read_text())
+    print(f"wrote {result.out}/results.csv, summary.json, summary.md, violin.png "
+          f"({len(result.ran)} run(s) trained, {len(result.skipped)} already done)",
+          file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
