@@ -242,7 +242,7 @@ def labels_from_canonical(probabilities: Any, geometry: CanonicalGeometry) -> np
     """``(K, *target_shape)`` class probabilities -> int32 labels ``(*source_shape)``:
     each class resampled onto the stored grid, then argmax (ties go to the lower class)."""
     values = _as_numpy(probabilities, geometry)
-    best = _to_source(values[0], geometry).copy()
+    best = _to_source(values[0], geometry)  # a view of a fresh array: safe to update
     labels = np.zeros(geometry.source_shape, dtype=np.int32)
     for k in range(1, values.shape[0]):
         channel = _to_source(values[k], geometry)
