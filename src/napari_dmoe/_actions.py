@@ -185,18 +185,11 @@ def _run_job(widget: Any, function: Callable[..., Any], *args: Any,
     import threading
 
     widget._cancel = threading.Event()
-    widget._job = {"slices": False}
+    widget._job = {"slices": False, "done": done}  # dropped when the worker finishes
     widget._set_busy(True, "Working…", running=True)
-
-    def on_done(out: Any) -> None:
-        try:
-            done(out)
-        except Exception as exc:  # a bug in layer building must not freeze the UI
-            widget._report_error(f"Could not show the results: {exc}")
-
     widget.worker = create_worker(
         function, *args, cancel=widget._cancel, **kwargs,
-        _connect={"yielded": widget._on_progress, "returned": on_done,
+        _connect={"yielded": widget._on_progress, "returned": widget._on_job_returned,
                   "errored": widget._on_error, "finished": widget._on_finished})
 
 

@@ -573,11 +573,23 @@ class DMoEWidget(TruthMixin, ShutdownMixin, QWidget):
             log.error("segmentation failed", exc_info=exc)
             self._report_error(f"Segmentation failed: {type(exc).__name__}: {exc}")
 
+    def _on_job_returned(self, out: Any) -> None:
+        """A Batch…/Dataset routing… job returned: its ``done`` callback shows the result."""
+        done = self._job.pop("done", None)
+        if done is None or self._closing:
+            return
+        try:
+            done(out)
+        except Exception as exc:  # a bug in layer building must not freeze the UI
+            log.error("showing the results failed", exc_info=exc)
+            self._report_error(f"Could not show the results: {exc}")
+
     def _on_finished(self) -> None:
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
         self.worker = None
+        self._job = {}  # no layers or callbacks kept alive after the job
         if not self._closing:
             self._set_busy(False)
             for button in (self.run_button, self.compare_button):

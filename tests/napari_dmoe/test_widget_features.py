@@ -1,0 +1,211 @@
+"""Widget features in a real viewer (Xvfb): ground-truth chooser and live Dice, readable
+routing layers, Compare switch maps (MoE vs dMoE), region, probability, Save…, Batch…."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from napari_dmoe import _actions, _batch
+from napari_dmoe.__main__ import add_layer_data
+from napari_dmoe._reader import META
+from napari_dmoe._sample_data import load_sample
+from napari_dmoe._widget import DMoEWidget
+
+from .test_widget import TIMEOUT, errors, open_widget, run_and_wait, shot, wait_idle  # noqa: F401
+
+pytestmark = pytest.mark.gui
+
+
+def role(layer) -> str | None:
+    return (layer.metadata.get(META) or {}).get("role")
+
+
+def combo_items(combo) -> list[str]:
+    return [combo.itemText(i) for i in range(combo.count())]
+
+
+def test_truth_chooser_live_dice_region_probability_and_save(make_napari_viewer, qtbot,
+                                                             checkpoints, tmp_path,
+                                                             monkeypatch):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    add_layer_data(viewer, load_sample("fundus"))
+    image = viewer.layers[0]
+    widget = DMoEWidget(viewer, model=checkpoints["fundus"])
+    assert widget.model_combo.currentText() == "Loading…"  # not "Open checkpoint…"
+    viewer.window.add_dock_widget(widget, name="dMoE segmentation", area="right")
+    wait_idle(qtbot, widget)
+    truth = viewer.layers[f"{image.name} ground truth"]
+    shape = image.data.shape
+    # candidates: same shape AND placement, never the plugin's outputs, never by name
+    viewer.add_labels(np.zeros((10, 10), np.uint8), name=f"{image.name} ground truth small")
+    viewer.add_labels(np.zeros(shape, np.uint8), name="shifted truth", translate=(5, 0))
+    viewer.add_labels(np.zeros(shape, np.uint8), name="scaled", scale=(2, 2))
+    mine = viewer.add_labels(np.zeros(shape, np.uint8), name="my labels")
+    widget.image_combo.setCurrentText(image.name)
+    assert combo_items(widget.truth_combo) == ["None", truth.name, "my labels"]
+    assert widget.truth_combo.currentText() == truth.name  # paired by the sample
+    # remembered per image
+    widget.truth_combo.setCurrentText("my labels")
+    widget.truth_combo.activated.emit(widget.truth_combo.currentIndex())
+    other = viewer.add_image(np.random.rand(*shape).astype(np.float32), name="other image")
+    widget.image_combo.setCurrentText(other.name)
+    assert widget.truth_combo.currentText() == "None"  # nothing paired with it
+    assert combo_items(widget.truth_combo) == ["None", truth.name, "my labels"]
+    widget.image_combo.setCurrentText(image.name)
+    assert widget.truth_combo.currentText() == "my labels"
+    widget.truth_combo.setCurrentText(truth.name)
+    widget.truth_combo.activated.emit(widget.truth_combo.currentIndex())
+    viewer.layers.remove(mine)
+
+    widget.probability_combo.setCurrentText("Entropy")
+    run_and_wait(qtbot, widget)
+    pred = viewer.layers[f"{image.name} · fundus_tiny · Black"]
+    assert truth.contour == 2 and pred.contour == 0  # truth outlined, prediction filled
+    assert not np.allclose(truth.colormap.map(1), pred.colormap.map(1))
+    prob = [layer for layer in viewer.layers if role(layer) == "probability"]
+    assert len(prob) == 1 and prob[0].data.shape == shape
+    assert 0.0 <= prob[0].data.min() and prob[0].data.max() <= 1.0
+    text = widget.results.toPlainText()
+    assert "Against ground truth" in text
+    before = text[text.index("Against ground truth"):][:200]
+    # editing the prediction updates the scores (debounced)
+    pred.data = np.asarray(truth.data).copy()
+    qtbot.waitUntil(lambda: widget.results.toPlainText() != text, timeout=5000)
+    after = widget.results.toPlainText()
+    assert "1.000" in after and before != after[after.index("Against ground truth"):][:200]
+    shot(viewer, qtbot, "features_truth_contours.png")
+
+    # a Shapes rectangle limits the run; the result lands in place
+    viewer.add_shapes([[[40, 50], [40, 130], [120, 130], [120, 50]]], shape_type="rectangle",
+                      name="region")
+    widget.image_combo.setCurrentText(image.name)
+    widget.region_combo.setCurrentText("region")
+    assert widget.region() == (40, 121, 50, 131)  # pixels whose extent the rectangle touches
+    widget.probability_combo.setCurrentText("No probability layer")
+    widget.attribute_combo.setCurrentText("White")
+    run_and_wait(qtbot, widget)
+    limited = viewer.layers[f"{image.name} · fundus_tiny · White"]
+    assert limited.data.shape == shape
+    outside = np.ones(shape, bool)
+    outside[40:121, 50:131] = False
+    assert not limited.data[outside].any()
+
+    # Save…: the plugin's writers, DICOM only for DICOM images, no silent overwrite
+    assert list(_actions.save_formats(limited)) == ["NIfTI (*.nii.gz)", "TIFF (*.tif)"]
+    fake_dicom = type("L", (), {"metadata": {META: {"dicom_source": "/x"}}})()
+    assert "DICOM-SEG (*.dcm)" in _actions.save_formats(fake_dicom)
+    asked = []
+    written = _actions.save_labels(limited, tmp_path / "mask", "NIfTI (*.nii.gz)",
+                                   lambda p: asked.append(p) or False)
+    assert written == [str(tmp_path / "mask.nii.gz")] and not asked
+    stamp = (tmp_path / "mask.nii.gz").stat().st_mtime_ns
+    assert _actions.save_labels(limited, tmp_path / "mask.nii.gz", "NIfTI (*.nii.gz)",
+                                lambda p: asked.append(p) or False) == []
+    assert asked == [tmp_path / "mask.nii.gz"]
+    assert (tmp_path / "mask.nii.gz").stat().st_mtime_ns == stamp
+    tif, = _actions.save_labels(limited, tmp_path / "mask.tif", "TIFF (*.tif)", lambda p: True)
+    assert tif.endswith("mask.tif")
+    source = tmp_path / "scan.nii.gz"  # as if the image had been read from this file
+    source.write_bytes(b"the user's scan")
+    limited.metadata = {**limited.metadata, META: {**limited.metadata[META],
+                                                   "source": str(source)}}
+    with pytest.raises(ValueError, match="outputs never replace inputs"):
+        _actions.save_labels(limited, source, "NIfTI (*.nii.gz)", lambda p: True)
+    assert source.read_bytes() == b"the user's scan"
+
+
+def _checkpoint(path, moe: str):
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.data import Preprocessing
+    from training.networks import create_model
+
+    torch.manual_seed(0)
+    model = create_model("transunet", preset="tiny", in_channels=1, out_channels=3, moe=moe,
+                         num_attributes=3, img_size=64, depth=2)
+    with torch.no_grad():  # routers start at zero (ties): give each one its own weights
+        for name, param in model.named_parameters():
+            if name.endswith("w_gate"):
+                param.normal_(0.0, 1.0)
+    race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
+    save_checkpoint(model, path, class_names=["background", "rim", "cup"], attribute=race,
+                    preprocessing=Preprocessing(spatial_dims=2, image_size=(64, 64),
+                                                in_channels=1).to_dict())
+    return path
+
+
+@pytest.mark.parametrize("moe", ["dmoe", "moe"])
+def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_path, moe):
+    ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    add_layer_data(viewer, load_sample("fundus"))
+    widget = DMoEWidget(viewer, model=ckpt)
+    viewer.window.add_dock_widget(widget, name="dMoE segmentation", area="right")
+    wait_idle(qtbot, widget)
+    widget.routing_check.setChecked(True)
+    names = {}
+    for value in ("Black", "White"):
+        widget.attribute_combo.setCurrentText(value)
+        run_and_wait(qtbot, widget)
+        names[value] = [layer.name for layer in viewer.layers if role(layer) == "routing"
+                        and layer.metadata[META]["attribute_value"] == value]
+    assert names["Black"][0] == "E top-1 · block0 · Black"
+    assert [n.replace("Black", "White") for n in names["Black"]] == names["White"]
+    visible = [layer.name for layer in viewer.layers if role(layer) == "routing"
+               and layer.visible]
+    assert visible == ["E top-1 · block0 · White"]  # earlier runs hidden, first layer shown
+    experts = viewer.layers["E top-1 · block0 · White"]
+    label = int(experts.data.flat[0])
+    assert list(experts.features["expert"])[label] == f"E{label}"  # hover = legend = table
+    assert "E1" in widget.results.toPlainText()
+    assert viewer.layers["gate · block0 · White"].colorbar.visible
+
+    widget.attribute_combo.setCurrentText("Black")
+    run_and_wait(qtbot, widget, compare=True)
+    switches = [layer for layer in viewer.layers if role(layer) == "switch"]
+    assert [layer.name for layer in switches][0] == "switch · block0 · vs Black"
+    fractions = [x for layer in switches for x in layer.metadata[META]["fraction"].values()]
+    text = widget.results.toPlainText()
+    assert "Experts switched vs 'Black'" in text
+    if moe == "moe":  # the attribute cannot matter: empty switch maps
+        assert max(fractions) == 0.0
+        assert all(not layer.data.any() for layer in switches)
+    else:
+        assert max(fractions) > 0.0
+        assert any(layer.data.any() for layer in switches)
+    shot(viewer, qtbot, f"features_switch_{moe}.png")
+
+
+def test_batch_folder_and_open_images(open_widget, qtbot, tmp_path):  # noqa: F811
+    viewer, widget = open_widget("fundus")
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        PILImage.fromarray((rng.random((48, 56)) * 255).astype(np.uint8)).save(
+            source / f"scan{i}.png")
+    with pytest.raises(ValueError, match="inside the input folder"):
+        _batch.check_folders(source, source / "out")
+    out = tmp_path / "out"
+    _actions.start_batch_folder(widget, source, out)
+    wait_idle(qtbot, widget)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["id"] for r in rows] == ["scan0", "scan1", "scan2"]
+    assert all((out / r["file"]).is_file() for r in rows)
+    assert np.asarray(PILImage.open(out / rows[0]["file"])).shape == (48, 56)
+    assert "Wrote 3 label file(s)" in widget.status.text()
+
+    viewer.add_image(rng.random((40, 44)).astype(np.float32), name="second")
+    n = len(viewer.layers)
+    _actions.start_batch_layers(widget)
+    wait_idle(qtbot, widget)
+    added = [layer for layer in list(viewer.layers)[n:] if role(layer) == "segmentation"]
+    assert len(added) == 2 and added[1].data.shape == (40, 44)
+    assert widget.run_button.isEnabled()
