@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=lambda s: s.split(","), help="e.g. background,rim,cup")
     g.add_argument("--image-size", type=int, help="2D model input side (default 224)")
     g.add_argument("--center-crop", type=int, help="2D centre crop in pixels before resizing")
+    g.add_argument("--intensity", choices=["minmax", "scale255", "none"],
+                   help="2D intensity scaling (default minmax per image; scale255: fixed /255 "
+                        "as the FairSeg reference)")
     g.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="3D training patch (default 64 64 32)")
     g.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"),

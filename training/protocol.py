@@ -39,7 +39,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "center_crop": 512,
     "vit_drop_rate": 0.1,
     "router_bias": True,
-    "expert_dropout_position": "after_fc2",
+    "expert_dropout_position": "output",
 }
 """``--protocol paper``: FitConfig/model settings taken from the official code."""
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from training.data.errors import DataError
 
-INTENSITY_MODES = ("minmax", "ct_window", "none")
+INTENSITY_MODES = ("minmax", "ct_window", "scale255", "none")
 CHANNEL_KINDS = ("gray", "rgb")
 GRAY_FROM = ("luminance", "red", "green", "blue")
 GEOMETRY_KEYS = ("orientation", "spacing")
@@ -70,7 +70,8 @@ class Preprocessing:
             (cropped) size.
         patch_size: 3D training patch ``(X, Y, Z)`` (an int means a cube).
         center_crop: 2D centre-crop side in pixels before resizing; None = no crop.
-        intensity: ``"minmax"``, ``"ct_window"`` or ``"none"``.
+        intensity: ``"minmax"``, ``"ct_window"``, ``"scale255"`` (fixed /255, the FairSeg
+            reference) or ``"none"``.
         ct_window: ``(lo, hi)`` in HU, required for ``"ct_window"``.
         in_channels: channels the model expects; other counts raise ``DataError``.
         orientation: 3D canonical axis codes (``"RAS"``) or None (stored voxel order).
@@ -190,6 +191,8 @@ class Preprocessing:
         if self.intensity == "ct_window":
             lo, hi = self.ct_window
             return (image.clamp(lo, hi) - lo) / (hi - lo)
+        if self.intensity == "scale255":  # the reference code's fixed /255 (8-bit images)
+            return image / 255.0
         return image
 
     def _crop_box(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:

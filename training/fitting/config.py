@@ -35,6 +35,7 @@ class FitConfig:
     optimizer: str = "adamw"
     image_size: int | None = None
     center_crop: int | None = None
+    intensity: str | None = None
     patch_size: list[int] | None = None
     ct_window: list[float] | None = None
     spacing: list[float] | None = None
@@ -93,8 +94,16 @@ class FitConfig:
             self.dice = paper["dice"]
             if self.center_crop is None and self.spatial_dims == 2:
                 self.center_crop = paper["center_crop"]
+            if self.intensity is None and self.spatial_dims == 2:
+                self.intensity = paper["intensity"]
+            kwargs = dict(self.model_kwargs)
             if self.arch == "transunet":
-                self.model_kwargs = {"drop_rate": paper["vit_drop_rate"], **self.model_kwargs}
+                kwargs = {"drop_rate": paper["vit_drop_rate"], **kwargs}
+            if self.moe != "none":
+                kwargs["moe_spec"] = {"router_bias": paper["router_bias"],
+                                      "dropout_position": paper["expert_dropout_position"],
+                                      **(kwargs.get("moe_spec") or {})}
+            self.model_kwargs = kwargs
         if (self.arch == "separate" or self.loss == "adv") and not self.attribute:
             raise ValueError(f"--{'arch separate' if self.arch == 'separate' else 'loss adv'} "
                              "needs the patient attribute: give --attribute NAME")

@@ -50,6 +50,10 @@ class DMoE(nn.Module):
         importance_weight, load_weight: Shazeer et al.'s balancing losses (0 = off, as in
             the paper); the loss is returned in :class:`MoEOutput`, never stored.
         chunk_rows: assignment rows computed at once; bounds memory on large 3D maps.
+        router_bias: routers with a bias and PyTorch's default (nn.Linear) init, as the
+            official code; default: no bias, zero init.
+        dropout_position: expert dropout ``"hidden"`` (after the ReLU) or ``"output"``
+            (after the second linear layer, as the official code).
     """
 
     def __init__(
@@ -64,6 +68,8 @@ class DMoE(nn.Module):
         importance_weight: float = 0.0,
         load_weight: float = 0.0,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        router_bias: bool = False,
+        dropout_position: str = "hidden",
     ) -> None:
         super().__init__()
         if chunk_rows < 1:
@@ -76,8 +82,10 @@ class DMoE(nn.Module):
             unknown_router=unknown_router,
             importance_weight=importance_weight,
             load_weight=load_weight,
+            router_bias=router_bias,
         )
-        self.experts = ExpertBank(embed_dim, num_experts, mlp_ratio=mlp_ratio, dropout=dropout)
+        self.experts = ExpertBank(embed_dim, num_experts, mlp_ratio=mlp_ratio, dropout=dropout,
+                                  dropout_position=dropout_position)
         self.chunk_rows = chunk_rows
 
     @property

@@ -70,6 +70,7 @@ class AttributeRouterBank(nn.Module):
         unknown_router: bool = True,
         importance_weight: float = 0.0,
         load_weight: float = 0.0,
+        router_bias: bool = False,
     ) -> None:
         super().__init__()
         if embed_dim < 1:
@@ -95,6 +96,15 @@ class AttributeRouterBank(nn.Module):
         # Zero init as in Shazeer et al.: routing starts uniform and noise breaks the ties.
         self.w_gate = nn.Parameter(torch.zeros(num_routers, embed_dim, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(num_routers, embed_dim, num_experts))
+        self.router_bias = bool(router_bias)
+        if self.router_bias:  # the official dMoE code: nn.Linear routers (bias, default init)
+            bound = 1.0 / math.sqrt(embed_dim)
+            self.b_gate = nn.Parameter(torch.empty(num_routers, num_experts).uniform_(-bound, bound))
+            self.b_noise = nn.Parameter(torch.empty(num_routers, num_experts).uniform_(-bound,
+                                                                                       bound))
+            with torch.no_grad():
+                self.w_gate.uniform_(-bound, bound)
+                self.w_noise.uniform_(-bound, bound)
 
     @property
     def num_routers(self) -> int:
@@ -137,10 +147,15 @@ class AttributeRouterBank(nn.Module):
         routers = self.router_index(attr.to(device=x.device, dtype=torch.long))
         w_gate = self._weights(self.w_gate, routers).to(x.dtype)
         clean = torch.bmm(x, w_gate)  # (B, N, E)
+        if self.router_bias:
+            clean = clean + self._weights(self.b_gate, routers).to(x.dtype)[:, None]
         noisy = self.training and torch.is_grad_enabled()
         if noisy:
             w_noise = self._weights(self.w_noise, routers).to(x.dtype)
-            noise_std = F.softplus(torch.bmm(x, w_noise))
+            noise_in = torch.bmm(x, w_noise)
+            if self.router_bias:
+                noise_in = noise_in + self._weights(self.b_noise, routers).to(x.dtype)[:, None]
+            noise_std = F.softplus(noise_in)
             logits = clean + torch.randn_like(clean) * noise_std
         else:
             logits = clean

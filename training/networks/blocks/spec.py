@@ -40,6 +40,10 @@ class MoESpec:
         importance_weight, load_weight: Shazeer et al.'s balancing losses (0 = off).
         attribute_dropout: probability of hiding a sample's attribute while training (trains
             the unknown router); one decision per sample, shared by all its layers.
+        router_bias: routers with a bias and nn.Linear's default init (the official code);
+            default: no bias, zero init (Shazeer et al.).
+        dropout_position: expert dropout ``"hidden"`` (after the ReLU, default) or
+            ``"output"`` (after the second linear layer, the official code).
     """
 
     num_experts: int = 8
@@ -50,6 +54,8 @@ class MoESpec:
     importance_weight: float = 0.0
     load_weight: float = 0.0
     attribute_dropout: float = 0.1
+    router_bias: bool = False
+    dropout_position: str = "hidden"
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -64,6 +70,9 @@ class MoESpec:
         if self.importance_weight < 0 or self.load_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got importance="
                              f"{self.importance_weight}, load={self.load_weight}")
+        if self.dropout_position not in ("hidden", "output"):
+            raise ValueError(f"dropout_position must be hidden or output, got "
+                             f"{self.dropout_position!r}")
         if not 0.0 <= self.attribute_dropout <= 1.0:
             raise ValueError(f"attribute_dropout must be in [0, 1], got {self.attribute_dropout}")
 

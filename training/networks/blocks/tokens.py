@@ -104,6 +104,8 @@ def build_moe(moe: str, embed_dim: int, spec: MoESpec, num_attributes: int = 1) 
         unknown_router=spec.unknown_router,
         importance_weight=spec.importance_weight,
         load_weight=spec.load_weight,
+        router_bias=spec.router_bias,
+        dropout_position=spec.dropout_position,
     )
 
 
