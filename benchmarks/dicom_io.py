@@ -1,6 +1,6 @@
 """DICOM timings on a 256×256×128 CT series: read, segment, write DICOM-SEG, write RTSTRUCT.
 
-Usage: ``python benchmarks/dicom_io.py [--repeats 3] [--shape 256 256 128]``
+Usage: ``python benchmarks/dicom_io.py [--repeats 3] [--shape 256 256 128] [--threads N]``
 
 A synthetic pelvic CT (``training.data.synthetic_images.draw_ct``, T3 look) is written once
 as a single-frame CT series (one uncompressed file per slice, shuffled names), then each
@@ -11,11 +11,16 @@ step runs ``--repeats`` times and prints the median and min–max wall time:
   (with the series' affine; the model is loaded once, outside the timing);
 - write SEG / RTSTRUCT: ``write_dicom_seg`` / ``write_rtstruct`` of the predicted mask
   (headers re-read, references built, file written).
+
+The machine's load average is printed with the figures: on a shared 2-core machine, torch's
+default of 2 threads is several times slower than ``--threads 1`` once other processes
+compete for the cores (oversubscribed OpenMP threads wait on each other).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -73,8 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shape", type=int, nargs=3, default=(256, 256, 128))
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()
     timings = run(tuple(args.shape), args.repeats)
+    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.1f} before / {os.getloadavg()[0]:.1f} after")
     print(f"{'step':<16}{'median s':>10}{'min–max s':>16}   (n={args.repeats})")
     for step, times in timings.items():
         print(f"{step:<16}{statistics.median(times):>10.2f}"
