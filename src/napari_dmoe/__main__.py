@@ -56,6 +56,11 @@ def launch(viewer: Any, *, sample: str | None = "fundus", images: list[Path] | N
         viewer.layers.selection.active = image_layers[-1]
     widget = DMoEWidget(viewer, model=model)
     viewer.window.add_dock_widget(widget, name="dMoE segmentation", area="right")
+    # fit the view once the dock has taken its width (the canvas shrinks after layout)
+    from qtpy.QtCore import QTimer
+
+    viewer.reset_view()
+    QTimer.singleShot(250, viewer.reset_view)
     return widget
 
 

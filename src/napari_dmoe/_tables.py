@@ -102,11 +102,12 @@ def message(text: str, colour: str = "gray") -> str:
     return f"<p style='color:{colour}'>{escape(text)}</p>"
 
 
-def swatches(items: Sequence[tuple[str, str]], title: str = "") -> str:
-    """A legend: coloured squares (``#rrggbb``) with their names, four per row."""
+def swatches(items: Sequence[tuple[str, str]], title: str = "", per_row: int = 4) -> str:
+    """A legend: coloured squares (``#rrggbb``) with their names, ``per_row`` per row."""
     cells = [f"<td class='l'><span style='color:{colour}'>&#9632;</span> {escape(name)}</td>"
              for name, colour in items]
-    rows = "".join("<tr>" + "".join(cells[i:i + 4]) + "</tr>" for i in range(0, len(cells), 4))
+    rows = "".join("<tr>" + "".join(cells[i:i + per_row]) + "</tr>"
+                   for i in range(0, len(cells), per_row))
     head = f"<h4>{escape(title)}</h4>" if title else ""
     return f"{head}<table>{rows}</table>"
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 from qtpy.QtCore import QEvent, QObject, QThreadPool
 from qtpy.QtWidgets import QApplication
 
 from . import _actions, _tables, _truth, _view
+from ._reader import META
 
 NO_TRUTH = "None"
 WHOLE_IMAGE = "Whole image"
@@ -42,12 +44,25 @@ class TruthMixin:
         self.truth_combo.addItems([NO_TRUTH, *names])
         self.truth_combo.setCurrentText(wanted if wanted in names else NO_TRUTH)
         self.truth_combo.blockSignals(False)
+        self._style_chosen_truth()
+
+    def _style_chosen_truth(self) -> None:
+        """Outline the chosen truth in the truth palette (once), so it never looks like a
+        prediction."""
+        truth = self.truth_layer()
+        if truth is None or truth.contour != 0:
+            return
+        names = ((truth.metadata or {}).get(META) or {}).get("class_names")
+        if self.segmenter is not None:
+            names = names or self.segmenter.class_names
+        _view.style_truth(truth, len(names) if names else int(np.max(truth.data)) + 1)
 
     def _on_truth_chosen(self, _: int) -> None:
         image = self.image_layer()
         if image is not None:
             text = self.truth_combo.currentText()
             self._truth_choice[image.name] = "" if text == NO_TRUTH else text
+        self._style_chosen_truth()
         if self._scored.get("image") is image:
             self._watch_scores(self._scored["pred"], self.truth_layer(),
                                self._scored["names"], image)

@@ -80,7 +80,7 @@ def truth_legend(class_names: list[str]) -> str:
              for i, name in enumerate(class_names[1:])]
     items += [(f"{name} (truth, contour)", colour_hex(TRUTH_COLOURS[i % 6]))
               for i, name in enumerate(class_names[1:])]
-    return _tables.swatches(items)
+    return _tables.swatches(items, per_row=2)
 
 
 def segmentation_layer(viewer: Any, image: Any, model: str, segmenter: Any, result: Any,

@@ -538,6 +538,8 @@ class DMoEWidget(TruthMixin, ShutdownMixin, QWidget):
                     self.viewer, job["layer"], job["entry"].name, job["segmenter"], results,
                     truth=job["truth"], patient=job["patient"], cancelled=out.cancelled)
                 self._sections = {"body": html}
+                if job["truth"] is not None and job["truth"] in self.viewer.layers:
+                    _view.style_truth(job["truth"], len(job["segmenter"].class_names))
             else:
                 self._show_run(job, next(iter(results.values())))
             self._render()
