@@ -1,59 +1,79 @@
-"""Speed and memory of the dMoE layer against a straightforward implementation.
+"""Speed and memory of the dMoE layer against a straightforward per-expert implementation.
 
-Usage: ``python benchmarks/moe_layer.py [--repeats 3] [--only 2d|3d-36k|3d-295k]``
+Usage: ``python benchmarks/moe_layer.py [--repeats 5] [--only 2d|3d-36k|3d-295k]
+[--modes train eval] [--threads T]``
 
-For each shape (the 2D TransUNet paper shape and two 3D ResUNet stages) it times forward
-and forward+backward of ``training.networks.DMoE`` and of a naive reference written here
-(a per-sample router loop and boolean-mask dispatch per expert, plain autograd), and
-prints the time, the achieved fraction of this CPU's fp32 matmul peak and the peak memory
-of the timed call. Each measurement runs in its own subprocess so that peak RSS is clean.
-Outputs of both implementations are compared with routing noise off (eval mode).
+For each shape (two 3D ResUNet stages and the 2D TransUNet/ViT paper shape; 8 experts,
+top-2) it times forward+backward of ``training.networks.DMoE`` and of a reference written
+here (per-sample router loop, boolean-mask dispatch per expert, ``F.dropout``, plain
+autograd) in the same process, alternating the two so that load changes hit both alike.
+
+- ``train`` (the default first row) is the configuration users train with: ``train()``
+  mode, router noise on, expert dropout 0.1. ``eval`` (second row) has both off; there the
+  outputs of both implementations are also compared (``max|diff|``).
+- Time: median of ``--repeats`` with min–max; speed-up = reference median / dMoE median.
+- Peak memory: the rise of the process's peak resident set (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` before each step, glibc told to hand freed blocks back) over
+  the resident set before the step: everything the step allocates, on CPU. On CUDA tensors
+  ``torch.cuda.max_memory_allocated`` is used instead.
+- ``%peak``: useful expert + router FLOPs (backward = 2x forward; recomputation is not
+  counted) per second over a measured fp32 2048x2048 matmul on the same threads.
+- ``path``: which expert dispatch ran (``fused`` on CPU; ``grouped`` = bf16 grouped GEMM
+  on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
+import ctypes
+import statistics
 import time
 
 SHAPES = {
-    "2d": dict(B=8, N=196, C=768, A=3),
-    "3d-36k": dict(B=1, N=36_864, C=96, A=4),
     "3d-295k": dict(B=1, N=294_912, C=48, A=4),
+    "3d-36k": dict(B=1, N=36_864, C=96, A=4),
+    "2d": dict(B=8, N=196, C=768, A=3),
 }
-E, K = 8, 2
+E, K, DROPOUT = 8, 2, 0.1
 
 
-def naive_forward(layer, x, attr):
-    """Per-sample router loop + masked per-expert dispatch (the obvious implementation)."""
+def reference_forward(layer, x, attr):
+    """Per-sample noisy router + boolean-mask dispatch per expert, ``F.dropout``, autograd."""
     import torch
+    import torch.nn.functional as F
 
     router, ex = layer.router, layer.experts
     idx_list, gate_list = [], []
     for b in range(x.shape[0]):
-        logits = x[b] @ router.w_gate[int(attr[b])]
+        a = int(attr[b])
+        logits = x[b] @ router.w_gate[a]
+        if layer.training:
+            noise_std = F.softplus(x[b] @ router.w_noise[a])
+            logits = logits + torch.randn_like(logits) * noise_std
         top, idx = logits.topk(router.top_k, dim=-1)
         idx_list.append(idx)
         gate_list.append(torch.softmax(top, -1))
-    idx, gates = torch.stack(idx_list), torch.stack(gate_list)
     flat = x.reshape(-1, x.shape[-1])
-    idx, gates = idx.reshape(-1, router.top_k), gates.reshape(-1, router.top_k)
+    idx = torch.stack(idx_list).reshape(-1, router.top_k)
+    gates = torch.stack(gate_list).reshape(-1, router.top_k)
     out = torch.zeros_like(flat)
+    p = ex.dropout if layer.training else 0.0
     for e in range(ex.num_experts):
         hit = idx == e
         mask = hit.any(-1)
         g = (gates * hit).sum(-1)[mask]
         h = torch.relu(flat[mask] @ ex.w1[e] + ex.b1[e])
+        if ex.dropout_position == "hidden":
+            h = F.dropout(h, p, training=p > 0)
         y = h @ ex.w2[e] + ex.b2[e]
+        if ex.dropout_position == "output":
+            y = F.dropout(y, p, training=p > 0)
         out[mask] += g[:, None] * y
     return x + out.reshape(x.shape)
 
 
 def matmul_peak(seconds: float = 1.0) -> float:
-    """fp32 GFLOP/s of a large square matmul on this machine's torch threads."""
+    """fp32 GFLOP/s of a 2048x2048 matmul on this process's torch threads."""
     import torch
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -65,100 +85,151 @@ def matmul_peak(seconds: float = 1.0) -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+class PeakMemory:
+    """Peak bytes a step allocates: VmHWM rise on CPU, ``max_memory_allocated`` on CUDA."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        if not cuda:
+            try:  # fixed mmap/trim thresholds: freed large blocks go back to the OS
+                libc = ctypes.CDLL("libc.so.6")
+                libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
+                libc.mallopt(-1, 1 << 17)  # M_TRIM_THRESHOLD
+            except OSError:
+                pass
+
+    @staticmethod
+    def _status_mb(key: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+        raise OSError(f"{key} not in /proc/self/status")
+
+    def start(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            return
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        self.base = self._status_mb("VmRSS")
+
+    def stop(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base
+        return self._status_mb("VmHWM") - self.base
 
 
-def _measure(shape: str, impl: str, mode: str, repeats: int) -> dict:
-    """Run in a child process: one (shape, implementation, mode) measurement."""
+def _flops(s: dict) -> float:
+    """Useful forward+backward FLOPs of one layer call (experts, router with noise)."""
+    tokens, C = s["B"] * s["N"], s["C"]
+    fwd = tokens * (K * 2 * 2 * C * 4 * C + 2 * 2 * C * E)
+    return 3 * fwd
+
+
+def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
+    """Time and memory of both implementations for one shape and mode, alternating them."""
     import torch
 
     from training.networks import DMoE
 
     s = SHAPES[shape]
     torch.manual_seed(0)
-    layer = DMoE(s["C"], num_experts=E, top_k=K, num_attributes=s["A"], unknown_router=False)
+    layer = DMoE(s["C"], num_experts=E, top_k=K, num_attributes=s["A"], dropout=DROPOUT,
+                 unknown_router=False).to(device)
     for p in layer.router.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    layer.eval()  # routing noise and dropout off: both implementations are deterministic
-    x = torch.randn(s["B"], s["N"], s["C"], requires_grad=(mode == "fwd+bwd"))
-    attr = torch.arange(s["B"]) % s["A"]
-    if impl == "dmoe":
-        def run():
-            return layer(x, attr).output
-    else:
-        def run():
-            return naive_forward(layer, x, attr)
+    layer.train(mode == "train")
+    x = torch.randn(s["B"], s["N"], s["C"], device=device, requires_grad=True)
+    attr = torch.arange(s["B"], device=device) % s["A"]
+    impls = {"dmoe": lambda: layer(x, attr).output,
+             "reference": lambda: reference_forward(layer, x, attr)}
+    memory = PeakMemory(device == "cuda")
 
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return run()
-        y = run()
-        y.backward(torch.ones_like(y))
-        return y
-
-    step()  # warm-up
-    base = _rss_mb()
-    times = []
-    for _ in range(repeats):
+    def step(run):
         layer.zero_grad(set_to_none=True)
         x.grad = None
+        memory.start()
         t0 = time.perf_counter()
-        y = step()
-        times.append(time.perf_counter() - t0)
+        y = run()
+        y.backward(torch.ones_like(y))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
         del y
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    with torch.no_grad():
-        diff = (layer(x, attr).output - naive_forward(layer, x, attr)).abs().max().item()
-    return {"seconds": min(times), "peak_mb": max(peak, 0.0), "max_abs_diff": diff}
+        return seconds, memory.stop()
+
+    for run in impls.values():
+        step(run)  # warm-up
+    times = {name: [] for name in impls}
+    peaks = {name: 0.0 for name in impls}
+    for _ in range(repeats):
+        for name, run in impls.items():
+            seconds, peak = step(run)
+            times[name].append(seconds)
+            peaks[name] = max(peaks[name], peak)
+    diff = float("nan")
+    if mode == "eval":
+        with torch.no_grad():
+            diff = (impls["dmoe"]() - impls["reference"]()).abs().max().item()
+    tokens = x.reshape(-1, s["C"])
+    return {"times": times, "peak_mb": peaks, "max_abs_diff": diff,
+            "path": layer.experts.select_path(tokens)}
 
 
-def _flops(shape: str, mode: str) -> float:
-    s = SHAPES[shape]
-    tokens = s["B"] * s["N"]
-    fwd = tokens * (K * 2 * 2 * s["C"] * 4 * s["C"] + 2 * s["C"] * E)
-    return fwd * (3 if mode == "fwd+bwd" else 1)
+def _fmt(ts: list[float]) -> str:
+    return f"{statistics.median(ts):6.3f} ({min(ts):.3f}–{max(ts):.3f})"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=sorted(SHAPES), action="append")
-    parser.add_argument("--child", nargs=3, metavar=("SHAPE", "IMPL", "MODE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=list(SHAPES), action="append")
+    parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(_measure(*args.child, repeats=args.repeats)))
-        return
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_peak()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s")
-    print(f"{'shape':26} {'mode':8} {'impl':6} {'time':>9} {'%peak':>6} {'peak MB':>8} "
-          f"{'speed-up':>8} {'mem ratio':>9} {'max|diff|':>9}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s (2048x2048); E={E}, top-{K}, "
+          f"dropout {DROPOUT} (train)")
+    print(f"{'shape':24} {'mode':5} {'path':7} {'dMoE s, median (min–max)':>26} "
+          f"{'reference s':>26} {'speed-up':>8} {'dMoE MB':>8} {'ref MB':>8} {'mem':>5} "
+          f"{'%peak':>6} {'max|diff|':>9}")
+    rows = []
     for shape in args.only or list(SHAPES):
         s = SHAPES[shape]
-        label = f"B={s['B']} N={s['N']} C={s['C']}"
-        for mode in ("fwd", "fwd+bwd"):
-            res = {}
-            for impl in ("naive", "dmoe"):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", shape, impl, mode,
-                     "--repeats", str(args.repeats)],
-                    capture_output=True, text=True, check=True,
-                )  # fmt: skip
-                res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-            for impl in ("naive", "dmoe"):
-                r = res[impl]
-                frac = _flops(shape, mode) / r["seconds"] / 1e9 / peak
-                speed = res["naive"]["seconds"] / r["seconds"]
-                mem = r["peak_mb"] / max(res["naive"]["peak_mb"], 1e-9)
-                print(f"{label:26} {mode:8} {impl:6} {r['seconds'] * 1e3:7.1f}ms {frac:6.1%} "
-                      f"{r['peak_mb']:8.0f} {speed:7.2f}x {mem:9.2f} {r['max_abs_diff']:9.2e}")
+        label = f"B={s['B']} N={s['N']:,} C={s['C']}"
+        for mode in args.modes:
+            r = measure(shape, mode, args.repeats, args.device)
+            t_d, t_r = r["times"]["dmoe"], r["times"]["reference"]
+            speed = statistics.median(t_r) / statistics.median(t_d)
+            mem = r["peak_mb"]["dmoe"] / max(r["peak_mb"]["reference"], 1e-9)
+            frac = _flops(s) / statistics.median(t_d) / 1e9 / peak
+            print(f"{label:24} {mode:5} {r['path']:7} {_fmt(t_d):>26} {_fmt(t_r):>26} "
+                  f"{speed:7.2f}x {r['peak_mb']['dmoe']:8.0f} {r['peak_mb']['reference']:8.0f} "
+                  f"{mem:5.2f} {frac:6.1%} {r['max_abs_diff']:9.1e}", flush=True)
+            rows.append({"shape": shape, "mode": mode, **r, "speed_up": speed,
+                         "mem_ratio": mem, "peak_fraction": frac})
+    return rows
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

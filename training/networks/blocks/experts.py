@@ -12,8 +12,10 @@ Two paths compute the same function:
 - ``"fused"`` (CPU, and CUDA fallback): one autograd function walks the sorted rows in
   chunks of ``chunk_rows``. The dropout mask is drawn once per call, one byte per unit,
   16 random bits per unit (drop probability quantised to ``2**-16``) from the default
-  generator, and reused by the backward pass; the ``1/(1-p)`` scale is folded into the
-  second weight matrix. Small inputs keep their hidden activations for the backward pass;
+  generator, and reused by the backward pass; the ``1/(1-p)`` scale is applied to the
+  narrow ``(rows, C)`` side of the second product. Products go through oneDNN where
+  torch has it (twice MKL's fp32 speed on AMD CPUs). Small inputs keep their hidden
+  activations for the backward pass;
   large ones (3D maps) recompute them chunk by chunk, so memory stays ``O(T*C)`` plus the
   byte mask. One ``dy @ W2^T`` serves both the hidden gradient and, with the stored
   expert outputs, the gate gradient.
@@ -111,14 +113,20 @@ def _mix(y_rows: torch.Tensor, inverse: torch.Tensor, gates: torch.Tensor) -> to
     return out
 
 
-def _accumulate(dw: torch.Tensor, db: torch.Tensor, inp: torch.Tensor, grad: torch.Tensor,
-                first: bool) -> None:
-    """``dw (+)= inp^T @ grad`` and ``db (+)= grad.sum(0)``, writing in place."""
+def _accumulate(dw: torch.Tensor, inp: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
+    """``dw (+)= inp^T @ grad`` in place."""
+    prod = _linear(inp.T, grad.T)
     if first:
-        dw.copy_(_linear(inp.T, grad.T))
+        dw.copy_(prod)
+    else:
+        dw += prod
+
+
+def _accumulate_bias(db: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
+    """``db (+)= grad.sum(0)`` in place."""
+    if first:
         torch.sum(grad, 0, out=db)
     else:
-        dw += _linear(inp.T, grad.T)
         db += grad.sum(0)
 
 
@@ -143,16 +151,16 @@ class _Plan:
 
 
 class _SparseExperts(torch.autograd.Function):
-    """``out[t] = sum_j gates[t, j] * MLP_{e(t, j)}(x[t])`` over expert-sorted rows."""
+    """``out[t] = sum_j gates[t, j] * MLP_{e(t, j)}(x[t])`` over expert-sorted rows.
+
+    With dropout ``p`` and keep mask ``m``: ``hidden``: ``y = (relu(x W1 + b1) * m) W2 * s
+    + b2``; ``output``: ``y = (relu(x W1 + b1) W2 + b2) * m * s``, ``s = 1 / (1 - p)``.
+    """
 
     @staticmethod
     def forward(ctx, x, gates, w1, b1, w2, b2, plan, p, position, mask, training_graph):
         rows, width = plan.order.numel(), (w1.shape[2] if position == "hidden" else x.shape[1])
         scale = 1.0 / (1.0 - p) if p > 0 else 1.0
-        w2s = w2 * scale if p > 0 else w2  # (E, hidden, C)
-        b2s = b2 * scale if p > 0 and position == "output" else b2
-        w1t = w1.transpose(1, 2).contiguous()  # (E, hidden, C): linear weights
-        w2t = w2s.transpose(1, 2).contiguous()  # (E, C, hidden)
         draw = p > 0 and mask is None
         if draw:
             mask = torch.empty(rows, width, dtype=torch.bool, device=x.device)
@@ -164,34 +172,36 @@ class _SparseExperts(torch.autograd.Function):
         for e, lo, hi in plan.chunks:
             if draw:
                 _draw_keep(mask[lo:hi], p)
-            h = _linear(x.index_select(0, plan.rows_token[lo:hi]), w1t[e], b1[e], relu=True)
+            h = _linear(x.index_select(0, plan.rows_token[lo:hi]), w1[e].T, b1[e], relu=True)
+            y = y_rows[lo:hi]
             if p > 0 and position == "hidden":
                 h.mul_(mask[lo:hi].view(torch.uint8))
-            y = y_rows[lo:hi]
-            y.copy_(_linear(h, w2t[e], b2s[e]))
+                torch.add(b2[e], _linear(h, w2[e].T), alpha=scale, out=y)
+            else:
+                torch.add(_linear(h, w2[e].T), b2[e], out=y)
             if p > 0 and position == "output":
-                y.mul_(mask[lo:hi].view(torch.uint8))
+                y.mul_(mask[lo:hi].view(torch.uint8)).mul_(scale)
             if keep:
                 kept.append(h)
         if keep and position == "hidden":
             mask = None  # the kept activations carry it (zero where dropped)
-        ctx.save_for_backward(x, gates, w1, w1t, b1, w2s, y_rows, *kept)
+        ctx.save_for_backward(x, gates, w1, b1, w2, y_rows, *kept)
         ctx.config = (plan, p, scale, position, keep, mask)
         return _mix(y_rows, plan.inverse, gates)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, gates, w1, w1t, b1, w2s, y_rows, *kept = ctx.saved_tensors
+        x, gates, w1, b1, w2, y_rows, *kept = ctx.saved_tensors
         plan, p, scale, position, keep, mask = ctx.config
         need_x, need_gate = ctx.needs_input_grad[:2]
         grad_out = grad_out.contiguous()
         dx_rows = x.new_empty(y_rows.shape) if need_x else None
         dgate_rows = x.new_empty(y_rows.shape[0]) if need_gate else None
-        # Weight gradients are written by the first chunk of each expert (no 4C*C zero fill)
+        # Weight gradients are written by the first chunk of each expert (no zero fill)
         # and accumulated by the later ones.
         dw1, db1 = torch.empty_like(w1), torch.empty_like(b1)
-        dw2, db2 = torch.empty_like(w2s), x.new_empty(w2s.shape[0], w2s.shape[2])
+        dw2, db2 = torch.empty_like(w2), x.new_empty(w2.shape[0], w2.shape[2])
         started: set[int] = set()
         for i, (e, lo, hi) in enumerate(plan.chunks):
             first = e not in started
@@ -201,29 +211,33 @@ class _SparseExperts(torch.autograd.Function):
             if keep:
                 h = kept[i]
             else:  # recompute the (dropped-out) hidden activations
-                h = _linear(xs, w1t[e], b1[e], relu=True)
+                h = _linear(xs, w1[e].T, b1[e], relu=True)
                 if p > 0 and position == "hidden":
                     h.mul_(mask[lo:hi].view(torch.uint8))
             dz = grad_out.index_select(0, tok)  # d out / d (gate * y)
             if need_gate:
                 torch.linalg.vecdot(dz, y_rows[lo:hi], out=dgate_rows[lo:hi])
-            dz.mul_(plan.rows_gate[lo:hi, None])  # d out / d y
-            if p > 0 and position == "output":
-                dz.mul_(mask[lo:hi].view(torch.uint8))
-            _accumulate(dw2[e], db2[e], h, dz, first)
-            dh = _linear(dz, w2s[e])
+            gate = plan.rows_gate[lo:hi, None]
+            if p > 0 and position == "hidden":  # y = s * (h W2) + b2
+                dz.mul_(gate)
+                _accumulate_bias(db2[e], dz, first)
+                dz.mul_(scale)
+            else:  # y = s * m * (h W2 + b2), or s = 1 without dropout
+                dz.mul_(gate * scale if p > 0 else gate)
+                if p > 0:
+                    dz.mul_(mask[lo:hi].view(torch.uint8))
+                _accumulate_bias(db2[e], dz, first)
+            _accumulate(dw2[e], h, dz, first)
+            dh = _linear(dz, w2[e])
             # ReLU (and hidden dropout) backward: h is non-zero exactly where it flows
             torch.ops.aten.threshold_backward.grad_input(dh, h, 0, grad_input=dh)
-            _accumulate(dw1[e], db1[e], xs, dh, first)
+            _accumulate(dw1[e], xs, dh, first)
+            _accumulate_bias(db1[e], dh, first)
             if need_x:
                 dx_rows[lo:hi] = _linear(dh, w1[e])
         for e in set(range(w1.shape[0])) - started:  # experts that received no token
             for g in (dw1, db1, dw2, db2):
                 g[e].zero_()
-        if p > 0:  # forward used scale * W2 (and scale * b2 for output dropout)
-            dw2.mul_(scale)
-            if position == "output":
-                db2.mul_(scale)
         dx = dgates = None
         if need_x:
             T, k = gates.shape

@@ -50,6 +50,26 @@ def test_fused_matches_reference_with_the_same_mask_and_noise(position, chunk_ro
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("position", ["hidden", "output"])
+def test_float32_fast_products_match_reference(position, hidden_mode):
+    """float32 takes the oneDNN products where torch has them (float64 takes torch.mm)."""
+    router, x, indices, gates = _noisy_routing()
+    x, gates = x.detach().float().requires_grad_(), gates.detach().float().requires_grad_()
+    torch.manual_seed(1)
+    bank = ExpertBank(16, num_experts=6, dropout=0.3, dropout_position=position).train()
+    keep = torch.rand(*indices.shape, bank.dropout_width) >= 0.3
+    tokens = x.reshape(-1, 16)
+    y = bank(tokens, indices, gates, chunk_rows=7, dropout_mask=keep)
+    ref = reference_experts(bank, tokens, indices, gates, keep)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(y)
+    params = [x, gates, *bank.parameters()]
+    got = torch.autograd.grad((y * weight).sum(), params)
+    want = torch.autograd.grad((ref * weight).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_eval_matches_reference_without_dropout(hidden_mode):
     _, x, indices, gates = _noisy_routing()
     bank = ExpertBank(16, num_experts=6, dropout=0.3).double().eval()
