@@ -20,6 +20,9 @@ def add_checkpoint_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="manifest.csv or dataset folder")
     parser.add_argument("--format", choices=["manifest", "fairseg", "ham10000"])
     parser.add_argument("--split", default="test", help="train, val, test or all (default test)")
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="use data whose manifest hash differs from the checkpoint's "
+                             "(refused by default: the splits may have changed)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--out", help="output folder")
 

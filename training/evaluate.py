@@ -25,13 +25,33 @@ class EvaluationResult:
 
 
 def load_split(data: str | Path, split: str, *, format: str | None = None, seed: int = 0,
-               val_fraction: float = 0.15, test_fraction: float = 0.15,
+               val_fraction: float = 0.1, test_fraction: float = 0.1,
                require_labels: bool = True, attribute: str | None = None,
-               spatial_dims: int | None = None):
-    """Cases of one split, checked. Splits missing from the data are assigned as in fit."""
+               spatial_dims: int | None = None, expected_hash: str | None = None,
+               expected_cases: int | None = None, allow_changed_data: bool = False,
+               checkpoint: str | Path | None = None):
+    """Cases of one split, checked. Splits missing from the data are assigned as in fit.
+
+    With ``expected_hash`` (the checkpoint's ``data_manifest_hash``) and a split other than
+    ``"all"``, data whose manifest hash differs are refused (DataError naming both hashes and the case counts) unless
+    ``allow_changed_data``: changed data re-split silently could put training cases into
+    the test split.
+    """
     from .data import DataError, assign_splits, load_cases, validate_cases
 
     cases = assign_splits(load_cases(data, format), val_fraction, test_fraction, seed=seed)
+    if expected_hash and not allow_changed_data and split != "all":
+        from .fitting.preparation import manifest_hash
+
+        now = manifest_hash(cases)
+        if now != expected_hash:
+            then = f"{expected_cases} cases" if expected_cases else "an unrecorded number of cases"
+            raise DataError(
+                f"{data}: these data are not the data {checkpoint or 'the checkpoint'} was "
+                f"trained on (manifest hash {now}, {len(cases)} cases; the checkpoint's "
+                f"{expected_hash}, {then}). Cases, files, splits or attributes changed, so "
+                "the split may now mix training cases into it. Use the original data, or pass "
+                "--allow-changed-data to evaluate anyway (e.g. a dataset that was only moved).")
     if split != "all":
         cases = [c for c in cases if c.split == split]
     if not cases:
@@ -40,9 +60,25 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
     return cases
 
 
+def checkpoint_split(seg, checkpoint: str | Path, data: str | Path, split: str, *,
+                     format: str | None = None, allow_changed_data: bool = False,
+                     require_labels: bool = True, attribute: str | None = None, seed: int = 0):
+    """:func:`load_split` with the checkpoint's seed, split fractions and data hash."""
+    prov = seg.metadata.get("provenance") or {}
+    cfg = prov.get("config") or {}
+    return load_split(data, split, format=format, seed=cfg.get("seed", seed),
+                      val_fraction=cfg.get("val_fraction", 0.15),
+                      test_fraction=cfg.get("test_fraction", 0.15),
+                      require_labels=require_labels, attribute=attribute,
+                      spatial_dims=seg.spatial_dims,
+                      expected_hash=prov.get("data_manifest_hash"),
+                      expected_cases=prov.get("data_cases"),
+                      allow_changed_data=allow_changed_data, checkpoint=checkpoint)
+
+
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
              format: str | None = None, device: str = "auto", seed: int = 0,
-             progress=None) -> EvaluationResult:
+             progress=None, allow_changed_data: bool = False) -> EvaluationResult:
     """Segment every case of ``split`` and write the fairness report into ``out``."""
     from .data import read_case
     from .engine import evaluate_cases
@@ -50,12 +86,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
     from .report import plot_violin, write_metrics_json, write_per_case_csv, write_report_md
 
     seg = Segmenter.from_checkpoint(checkpoint, device=device)
-    cfg = (seg.metadata.get("provenance") or {}).get("config") or {}
     attribute = seg.attribute_name
-    cases = load_split(data, split, format=format, seed=cfg.get("seed", seed),
-                       val_fraction=cfg.get("val_fraction", 0.15),
-                       test_fraction=cfg.get("test_fraction", 0.15),
-                       attribute=attribute, spatial_dims=seg.spatial_dims)
+    cases = checkpoint_split(seg, checkpoint, data, split, format=format, seed=seed,
+                             allow_changed_data=allow_changed_data, attribute=attribute)
     loaded = []
     for c in cases:
         image, label, meta = read_case(c, spatial_dims=seg.spatial_dims)
@@ -108,7 +141,8 @@ def main(argv: list[str] | None = None) -> EvaluationResult | str:
         if missing:
             parser.error(f"{', '.join(missing)} required (or --compare DIR ...)")
         result = evaluate(args.checkpoint, args.data, args.out, split=args.split,
-                          format=args.format, device=args.device)
+                          format=args.format, device=args.device,
+                          allow_changed_data=args.allow_changed_data)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     mean = result.summary["mean"]

@@ -97,14 +97,14 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
             split: str = "test", image: str | Path | None = None,
             attribute_value: str | None = None, format: str | None = None,
             device: str = "auto", progress=None, output_format: str | None = None,
-            log=None) -> list[dict[str, str]]:
+            log=None, allow_changed_data: bool = False) -> list[dict[str, str]]:
     """Segment a split of a dataset or one image; returns the ``predictions.csv`` rows.
 
     3D masks are predicted from the volume and its affine and written on the input's grid
     with its affine; ``log(line)`` receives each conversion notice (``"<id>: ..."``).
     """
     from .data import Case, file_stem, read_image
-    from .evaluate import load_split
+    from .evaluate import checkpoint_split
     from .inference import Segmenter
 
     if (data is None) == (image is None):
@@ -116,8 +116,8 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
         cases = [Case(id=case_id, image=Path(image), label=None,
                       attributes={attribute or "attribute": attribute_value or ""})]
     else:
-        cases = load_split(data, split, format=format, require_labels=False,
-                           attribute=None, spatial_dims=seg.spatial_dims)
+        cases = checkpoint_split(seg, checkpoint, data, split, format=format,
+                                 require_labels=False, allow_changed_data=allow_changed_data)
     out = Path(out)
     check_outputs_spare_inputs(cases, out, output_format)
     if attribute:
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
         rows = predict(args.checkpoint, args.out, data=args.data, split=args.split,
                        image=args.image, attribute_value=args.attribute_value,
                        format=args.format, device=args.device,
-                       output_format=args.output_format, log=print)
+                       output_format=args.output_format, log=print,
+                       allow_changed_data=args.allow_changed_data)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"wrote {len(rows)} label file(s) and predictions.csv to {args.out}")

@@ -1,0 +1,124 @@
+"""training.benchmark and training.stats: resumable method × seed runs, summaries, paired
+bootstrap CIs; the data-hash check of evaluate/predict; --select recorded in checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from training.data import DataError, make_synthetic_dataset
+from training.stats import RunScores, paired_bootstrap
+
+FAST = ["--attribute", "race", "--classes", "background,rim,cup", "--image-size", "32",
+        "--batch-size", "4", "--epochs", "1", "--lr", "3e-3",
+        "--model-kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 2}']
+
+
+def _scores(rng, n=30, shift=0.0):
+    groups = np.array(["A"] * 20 + ["B"] * 7 + ["C"] * 3, dtype=object)[:n]
+    dice = np.clip(rng.uniform(0.5, 0.95, n) + shift, 0, 1)
+    return RunScores(np.array([f"c{i}" for i in range(n)], dtype=object), groups, dice,
+                     dice * 0.8)
+
+
+def test_bootstrap_of_a_method_against_itself_contains_zero():
+    rng = np.random.default_rng(0)
+    runs = {s: _scores(rng) for s in range(3)}
+    boot = paired_bootstrap(runs, runs, n_boot=300)
+    for key, v in boot.items():
+        lo, hi = v["ci95"]
+        assert lo <= 0.0 <= hi, key
+        assert v["mean"] == 0.0
+
+
+def test_bootstrap_finds_a_real_difference_and_pairs_cases():
+    rng = np.random.default_rng(1)
+    base = {s: _scores(rng) for s in range(3)}
+    better = {s: RunScores(b.ids, b.groups, b.dice + 0.05, b.iou) for s, b in base.items()}
+    boot = paired_bootstrap(better, base, n_boot=300)
+    lo, hi = boot["overall"]["ci95"]
+    assert boot["overall"]["mean"] == pytest.approx(0.05)
+    assert lo == pytest.approx(0.05) and hi == pytest.approx(0.05)  # paired: no case noise
+    # unpaired-looking noise: a method whose per-case scores are shuffled is not "better"
+    noisy = {s: RunScores(b.ids, b.groups, rng.permutation(b.dice), b.iou)
+             for s, b in base.items()}
+    lo, hi = paired_bootstrap(noisy, base, n_boot=300)["overall"]["ci95"]
+    assert lo < 0 < hi
+
+
+def test_bootstrap_refuses_runs_on_different_cases():
+    rng = np.random.default_rng(2)
+    a = {0: _scores(rng)}
+    b = {0: RunScores(np.array([f"x{i}" for i in range(30)], dtype=object), a[0].groups,
+                      a[0].dice, a[0].iou)}
+    with pytest.raises(ValueError, match="different cases"):
+        paired_bootstrap(a, b, n_boot=10)
+
+
+@pytest.fixture(scope="module")
+def fundus(tmp_path_factory):
+    return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=40, seed=5)
+
+
+@pytest.mark.slow
+def test_benchmark_writes_summaries_and_resume_skips_finished_runs(fundus, tmp_path):
+    from training.benchmark import main
+
+    out = tmp_path / "bench"
+    argv = ["--data", str(fundus), *FAST, "--methods", "none,febs", "--seeds", "2",
+            "--out", str(out), "--bootstrap", "50"]
+    first = main(argv)
+    assert sorted(first.ran) == [("febs", 0), ("febs", 1), ("none", 0), ("none", 1)]
+    for name in ("results.csv", "summary.json", "summary.md", "violin.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    m = summary["methods"]["febs"]
+    for key in ("es_dice", "dice", "es_iou", "iou"):
+        assert set(m[key]) == {"mean", "std"}
+    assert set(m["groups"]) == {"Asian", "Black", "White"}
+    assert all(set(g) == {"mean", "std", "n"} for g in m["groups"].values())
+    assert m["gflops"] > 0 and m["params"] > 0
+    vs = summary["vs"]["febs"]
+    assert vs["baseline"] == "none" and len(vs["es_dice_diff"]["ci95"]) == 2
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["method"], r["seed"]) for r in rows} == {("none", "0"), ("none", "1"),
+                                                         ("febs", "0"), ("febs", "1")}
+    assert {r["group"] for r in rows} == {"all", "Asian", "Black", "White"}
+    assert "ES-Dice" in (out / "summary.md").read_text()
+    # a rerun trains nothing; a third seed trains only the new runs
+    mtime = (out / "runs" / "none" / "seed0" / "best.safetensors").stat().st_mtime
+    again = main(argv)
+    assert again.ran == [] and len(again.skipped) == 4
+    assert (out / "runs" / "none" / "seed0" / "best.safetensors").stat().st_mtime == mtime
+    more = main([*argv, "--seeds", "3"])  # the later flag wins
+    assert sorted(more.ran) == [("febs", 2), ("none", 2)]
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_changed_data_and_select_is_recorded(fundus, tmp_path):
+    from training.checkpoint import load_checkpoint
+    from training.evaluate import evaluate
+    from training.fit import main as fit_main
+    from training.predict import predict
+
+    run = tmp_path / "run"
+    fit_main(["--data", str(fundus), *FAST, "--moe", "none", "--select", "worst_group",
+              "--out", str(run), "--quiet"])
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta["provenance"]["select"] == "worst_group"
+    assert meta["provenance"]["config"]["val_fraction"] == 0.1
+    evaluate(run / "best.safetensors", fundus, tmp_path / "ok")  # same data: accepted
+    # drop two cases from the manifest: refused, naming both hashes and the case counts
+    lines = fundus.read_text().splitlines()
+    changed = fundus.with_name("changed.csv")
+    changed.write_text("\n".join(lines[:-2]) + "\n")
+    with pytest.raises(DataError, match=r"38 cases.*40 cases.*--allow-changed-data"):
+        evaluate(run / "best.safetensors", changed, tmp_path / "no")
+    with pytest.raises(DataError, match="allow-changed-data"):
+        predict(run / "best.safetensors", tmp_path / "p", data=changed)
+    result = evaluate(run / "best.safetensors", changed, tmp_path / "yes",
+                      allow_changed_data=True)
+    assert result.records
