@@ -94,7 +94,7 @@ def load_sample(kind: str) -> list[LayerData]:
         kwargs["name"] = name
         kwargs["metadata"][META].update(extra)
         kwargs.update(contrast_limits=(-250.0, 350.0), colormap="gray")
-        geometry = {k: gt_kwargs[k] for k in ("scale", "translate", "units")}
+        geometry = {k: gt_kwargs[k] for k in ("scale", "translate", "units", "affine")}
         gt = ground_truth_layer(labels.astype(np.uint8), name, classes,
                                 {**gt_kwargs["metadata"][META], **extra}, **geometry)
         return [(image, kwargs, "image"), gt]
