@@ -209,3 +209,19 @@ def test_batch_folder_and_open_images(open_widget, qtbot, tmp_path):  # noqa: F8
     added = [layer for layer in list(viewer.layers)[n:] if role(layer) == "segmentation"]
     assert len(added) == 2 and added[1].data.shape == (40, 44)
     assert widget.run_button.isEnabled()
+
+
+def test_dataset_routing_figure_in_a_dialog(open_widget, qtbot, tmp_path):  # noqa: F811
+    from training.data import make_synthetic_dataset
+
+    data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
+    viewer, widget = open_widget("fundus")
+    out = tmp_path / "routing"
+    _actions.start_dataset_routing(widget, data, out, split="all")
+    wait_idle(qtbot, widget)
+    assert (out / "routing.json").is_file() and (out / "routing.png").is_file()
+    dialog = widget.routing_figure
+    assert dialog.isVisible() and str(out / "routing.png") in dialog.windowTitle()
+    qtbot.wait(300)
+    dialog.grab().save(str(tmp_path / "dialog.png"))
+    dialog.close()

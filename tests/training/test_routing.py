@@ -15,7 +15,7 @@ from training.routing import js_divergence
 def fundus(tmp_path_factory):
     from training.data import make_synthetic_dataset
 
-    return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=8, seed=5)
+    return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=9, seed=5)
 
 
 def _checkpoint(path, moe: str):
