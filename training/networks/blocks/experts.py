@@ -103,6 +103,12 @@ def _chunks(counts: list[int], chunk_rows: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _bucket(rows: int) -> int:
+    """``rows`` rounded up to at most 1/8 more, onto one of 8 values per power of two."""
+    step = max(16, 2 ** (rows.bit_length() - 4))
+    return -(-rows // step) * step
+
+
 def _mix(y_rows: torch.Tensor, inverse: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Expert-sorted rows ``(T*k, C)`` → ``sum_j gates[t, j] * rows[t, j]`` ``(T, C)``."""
     T, k = gates.shape
@@ -144,6 +150,15 @@ class _Plan:
         self.rows_gate = gates.detach().reshape(-1)[self.order]
         self.counts = torch.bincount(flat, minlength=num_experts).tolist()  # one sync
         self.chunks = _chunks(self.counts, chunk_rows)
+        # Token index of every chunk row, padded (with the chunk's first token) to a few
+        # row counts: oneDNN builds a kernel per GEMM shape (~1 ms each), so the ragged
+        # last chunk of each expert would cost a kernel build per call. Padded rows carry
+        # zero gradient and their outputs are dropped.
+        self.tokens = []
+        for _, lo, hi in self.chunks:
+            pad = _bucket(hi - lo) - (hi - lo)
+            tok = self.rows_token[lo:hi]
+            self.tokens.append(torch.cat([tok, tok[:1].expand(pad)]) if pad else tok)
 
     def sort_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """A token-order mask ``(T, k, W)`` → expert-sorted ``(T*k, W)`` bool."""
@@ -169,16 +184,17 @@ class _SparseExperts(torch.autograd.Function):
         # skips recomputing them. Large ones (3D maps) recompute, keeping memory O(T*C).
         keep = training_graph and rows * w1.shape[2] * x.element_size() <= KEEP_HIDDEN_BYTES
         kept = []
-        for e, lo, hi in plan.chunks:
+        for (e, lo, hi), tok in zip(plan.chunks, plan.tokens):
+            n = hi - lo
             if draw:
                 _draw_keep(mask[lo:hi], p)
-            h = _linear(x.index_select(0, plan.rows_token[lo:hi]), w1[e].T, b1[e], relu=True)
+            h = _linear(x.index_select(0, tok), w1[e].T, b1[e], relu=True)  # (padded n, H)
             y = y_rows[lo:hi]
             if p > 0 and position == "hidden":
-                h.mul_(mask[lo:hi].view(torch.uint8))
-                torch.add(b2[e], _linear(h, w2[e].T), alpha=scale, out=y)
+                h[:n].mul_(mask[lo:hi].view(torch.uint8))
+                torch.add(b2[e], _linear(h, w2[e].T)[:n], alpha=scale, out=y)
             else:
-                torch.add(_linear(h, w2[e].T), b2[e], out=y)
+                torch.add(_linear(h, w2[e].T)[:n], b2[e], out=y)
             if p > 0 and position == "output":
                 y.mul_(mask[lo:hi].view(torch.uint8)).mul_(scale)
             if keep:
@@ -203,29 +219,30 @@ class _SparseExperts(torch.autograd.Function):
         dw1, db1 = torch.empty_like(w1), torch.empty_like(b1)
         dw2, db2 = torch.empty_like(w2), x.new_empty(w2.shape[0], w2.shape[2])
         started: set[int] = set()
-        for i, (e, lo, hi) in enumerate(plan.chunks):
+        for i, ((e, lo, hi), tok) in enumerate(zip(plan.chunks, plan.tokens)):
             first = e not in started
             started.add(e)
-            tok = plan.rows_token[lo:hi]
+            n = hi - lo
             xs = x.index_select(0, tok)
             if keep:
                 h = kept[i]
             else:  # recompute the (dropped-out) hidden activations
                 h = _linear(xs, w1[e].T, b1[e], relu=True)
                 if p > 0 and position == "hidden":
-                    h.mul_(mask[lo:hi].view(torch.uint8))
-            dz = grad_out.index_select(0, tok)  # d out / d (gate * y)
+                    h[:n].mul_(mask[lo:hi].view(torch.uint8))
+            dz = grad_out.index_select(0, tok)  # d out / d (gate * y), padded rows zeroed
+            dz[n:] = 0
             if need_gate:
-                torch.linalg.vecdot(dz, y_rows[lo:hi], out=dgate_rows[lo:hi])
+                torch.linalg.vecdot(dz[:n], y_rows[lo:hi], out=dgate_rows[lo:hi])
             gate = plan.rows_gate[lo:hi, None]
             if p > 0 and position == "hidden":  # y = s * (h W2) + b2
-                dz.mul_(gate)
+                dz[:n].mul_(gate)
                 _accumulate_bias(db2[e], dz, first)
                 dz.mul_(scale)
             else:  # y = s * m * (h W2 + b2), or s = 1 without dropout
-                dz.mul_(gate * scale if p > 0 else gate)
+                dz[:n].mul_(gate * scale if p > 0 else gate)
                 if p > 0:
-                    dz.mul_(mask[lo:hi].view(torch.uint8))
+                    dz[:n].mul_(mask[lo:hi].view(torch.uint8))
                 _accumulate_bias(db2[e], dz, first)
             _accumulate(dw2[e], h, dz, first)
             dh = _linear(dz, w2[e])
@@ -234,7 +251,7 @@ class _SparseExperts(torch.autograd.Function):
             _accumulate(dw1[e], xs, dh, first)
             _accumulate_bias(db1[e], dh, first)
             if need_x:
-                dx_rows[lo:hi] = _linear(dh, w1[e])
+                dx_rows[lo:hi] = _linear(dh, w1[e])[:n]
         for e in set(range(w1.shape[0])) - started:  # experts that received no token
             for g in (dw1, db1, dw2, db2):
                 g[e].zero_()
