@@ -187,6 +187,9 @@ def test_bad_inputs_notify_and_leave_the_viewer_working(open_widget, qtbot, erro
     viewer.add_image(np.random.rand(40, 64, 64).astype(np.float32), name="volume")
     widget.image_combo.setCurrentText("volume")
     assert "Ready: the 2D model segments this stack slice by slice" in widget.status.text()
+    run_and_wait(qtbot, widget)  # a 2D model on a stack: slice by slice, in place
+    stack = viewer.layers["volume · fundus_tiny · unknown"]
+    assert stack.data.shape == (40, 64, 64) and not errors
     viewer.add_image(np.random.rand(2, 40, 64, 64).astype(np.float32), name="4d")
     widget.image_combo.setCurrentText("4d")
     assert "This model segments 2D images; '4d' has 4 spatial" in widget.status.text()
