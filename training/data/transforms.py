@@ -245,7 +245,7 @@ class Preprocessing:
         """Image ``(C, *S)`` (3D: with its 4x4 ``affine`` when known) -> model input
         ``(C, *S')`` and the geometry to undo it (see ``restore``, and
         ``training.data.geometry.labels_from_canonical`` for ``geometry["canonical"]``)."""
-        tensor = torch.as_tensor(np.asarray(image, dtype=np.float32))
+        tensor = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))
         out, _, geometry = self._apply(tensor, None, affine)
         return out.contiguous(), geometry
 
@@ -296,10 +296,10 @@ class SampleTransform:
     def deterministic(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = dict(sample)
         affine = out.pop("affine", None)
-        image = torch.as_tensor(np.asarray(sample["image"], dtype=np.float32))
+        image = torch.as_tensor(np.ascontiguousarray(sample["image"], dtype=np.float32))
         label = sample.get("label")
         if label is not None:
-            label = torch.as_tensor(np.asarray(label)).float()
+            label = torch.as_tensor(np.ascontiguousarray(label)).float()
             label = label if label.ndim == image.ndim else label[None]
         out["image"], label, _ = self.preprocessing._apply(image, label, affine)
         if label is None:

@@ -179,3 +179,23 @@ def test_validation_refuses_a_mask_stored_flipped_naming_case_and_orientations(t
     with pytest.raises(DataError, match=r"case bad: .*LPS vs RPS"):
         validate_cases(cases, None, spatial_dims=3)
     validate_cases(cases[:1], None, spatial_dims=3)
+
+
+@pytest.mark.parametrize("codes", ["LPS", "SRA"])
+def test_training_samples_and_labels_are_canonicalised_together(codes):
+    from training.data import eval_transform
+
+    label = np.zeros((20, 16, 12), np.int64)
+    label[4:9, 3:12, 2:6] = 1
+    img = _stored_as(label.astype(np.float32) * 100, AFFINE, codes)
+    stored = np.asarray(img.dataobj)
+    pre = Preprocessing(3, intensity="none", orientation="RAS", spacing=(0.9, 0.9, 1.25))
+    sample = eval_transform(pre).deterministic(
+        {"image": stored[None], "label": (stored > 0).astype(np.int64), "affine": img.affine})
+    assert "affine" not in sample
+    assert tuple(sample["image"].shape) == (1, 20, 16, 24)  # RAS order, z resampled x2
+    reference = to_canonical(label[None].astype(np.float32),
+                             plan_geometry(label.shape, AFFINE, "RAS", (0.9, 0.9, 1.25)),
+                             nearest=True)
+    np.testing.assert_array_equal(sample["label"].numpy(), reference)
+    assert set(np.unique(sample["label"].numpy())) == {0.0, 1.0}
