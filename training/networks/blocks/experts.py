@@ -33,7 +33,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK_ROWS = 4096
-"""Sorted assignment rows computed at once; ``rows * hidden`` floats stay live."""
+"""Sorted assignment rows computed at once (at least); ``rows * hidden`` floats stay live."""
+
+CHUNK_HIDDEN_UNITS = 2**18
+"""With ``chunk_rows=None`` a chunk holds ``max(DEFAULT_CHUNK_ROWS, this // hidden)`` rows:
+narrow experts (3D stages with C = 8..32) then take few chunks, so Python work stays small."""
 
 KEEP_HIDDEN_BYTES = 64 * 2**20
 """Up to this size the hidden activations are stored for backward instead of recomputed."""
@@ -188,7 +192,8 @@ class _SparseExperts(torch.autograd.Function):
             n = hi - lo
             if draw:
                 _draw_keep(mask[lo:hi], p)
-            h = _linear(x.index_select(0, tok), w1[e].T, b1[e], relu=True)  # (padded n, H)
+            xs = x.index_select(0, tok)
+            h = _linear(xs, w1[e].T, b1[e], relu=True)  # (padded n, H)
             y = y_rows[lo:hi]
             if p > 0 and position == "hidden":
                 h[:n].mul_(mask[lo:hi].view(torch.uint8))
@@ -198,10 +203,10 @@ class _SparseExperts(torch.autograd.Function):
             if p > 0 and position == "output":
                 y.mul_(mask[lo:hi].view(torch.uint8)).mul_(scale)
             if keep:
-                kept.append(h)
+                kept.append((xs, h))
         if keep and position == "hidden":
             mask = None  # the kept activations carry it (zero where dropped)
-        ctx.save_for_backward(x, gates, w1, b1, w2, y_rows, *kept)
+        ctx.save_for_backward(x, gates, w1, b1, w2, y_rows, *(t for pair in kept for t in pair))
         ctx.config = (plan, p, scale, position, keep, mask)
         return _mix(y_rows, plan.inverse, gates)
 
@@ -223,10 +228,10 @@ class _SparseExperts(torch.autograd.Function):
             first = e not in started
             started.add(e)
             n = hi - lo
-            xs = x.index_select(0, tok)
             if keep:
-                h = kept[i]
+                xs, h = kept[2 * i], kept[2 * i + 1]
             else:  # recompute the (dropped-out) hidden activations
+                xs = x.index_select(0, tok)
                 h = _linear(xs, w1[e].T, b1[e], relu=True)
                 if p > 0 and position == "hidden":
                     h[:n].mul_(mask[lo:hi].view(torch.uint8))
@@ -376,7 +381,7 @@ class ExpertBank(nn.Module):
         x: torch.Tensor,
         indices: torch.Tensor,
         gates: torch.Tensor,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        chunk_rows: int | None = None,
         dropout_mask: torch.Tensor | None = None,
         path: str = "auto",
     ) -> torch.Tensor:
@@ -386,7 +391,8 @@ class ExpertBank(nn.Module):
             x: tokens ``(T, C)``.
             indices: chosen experts ``(T, k)``.
             gates: their weights ``(T, k)``.
-            chunk_rows: sorted assignment rows computed at once (fused path).
+            chunk_rows: sorted assignment rows computed at once (fused path); ``None``:
+                ``max(DEFAULT_CHUNK_ROWS, CHUNK_HIDDEN_UNITS // hidden)``.
             dropout_mask: bool keep mask ``(T, k, dropout_width)`` to use instead of a fresh
                 draw (tests compare against a reference with it); only while training with
                 ``dropout > 0``.
@@ -408,6 +414,8 @@ class ExpertBank(nn.Module):
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
+        if chunk_rows is None:
+            chunk_rows = max(DEFAULT_CHUNK_ROWS, CHUNK_HIDDEN_UNITS // self.hidden_dim)
         plan = _Plan(indices, gates, self.num_experts, chunk_rows)
         mask = plan.sort_mask(dropout_mask) if dropout_mask is not None else None
         with torch.autocast(x.device.type, enabled=False):

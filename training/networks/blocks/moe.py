@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .experts import DEFAULT_CHUNK_ROWS, ExpertBank
+from .experts import ExpertBank
 from .routing import AttributeRouterBank
 
 
@@ -49,7 +49,8 @@ class DMoE(nn.Module):
             trained by attribute dropout; see :class:`AttributeRouterBank`.
         importance_weight, load_weight: Shazeer et al.'s balancing losses (0 = off, as in
             the paper); the loss is returned in :class:`MoEOutput`, never stored.
-        chunk_rows: assignment rows computed at once; bounds memory on large 3D maps.
+        chunk_rows: assignment rows computed at once; bounds memory on large 3D maps
+            (``None``: at least ``DEFAULT_CHUNK_ROWS``, more for narrow experts).
         router_bias: routers with a bias and PyTorch's default (nn.Linear) init, as the
             official code; default: no bias, zero init.
         dropout_position: expert dropout ``"hidden"`` (after the ReLU) or ``"output"``
@@ -67,12 +68,12 @@ class DMoE(nn.Module):
         unknown_router: bool = True,
         importance_weight: float = 0.0,
         load_weight: float = 0.0,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        chunk_rows: int | None = None,
         router_bias: bool = False,
         dropout_position: str = "hidden",
     ) -> None:
         super().__init__()
-        if chunk_rows < 1:
+        if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.router = AttributeRouterBank(
             embed_dim,

@@ -32,6 +32,15 @@ class RouterOutput(NamedTuple):
     aux_loss: torch.Tensor
 
 
+def _softmax(top: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis; for two values as ``sigmoid`` of their difference, which is
+    the same function and ~10x faster than a softmax over an axis of length 2 on CPU."""
+    if top.shape[-1] != 2:
+        return torch.softmax(top, dim=-1)
+    diff = top[..., :1] - top[..., 1:]
+    return torch.cat([torch.sigmoid(diff), torch.sigmoid(-diff)], dim=-1)
+
+
 def _cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation of a 1-D tensor (Shazeer et al. 2017, Eq. 6)."""
     if x.numel() <= 1:
@@ -165,7 +174,7 @@ class AttributeRouterBank(nn.Module):
         top_logits, top_idx = logits.topk(k_extra, dim=-1)
         top = top_logits[..., :k]
         low_precision = top.dtype in (torch.float16, torch.bfloat16)
-        gates = torch.softmax(top.float() if low_precision else top, dim=-1).to(x.dtype)
+        gates = _softmax(top.float() if low_precision else top).to(x.dtype)
         indices = top_idx[..., :k]
         aux = x.new_zeros((), dtype=torch.float32)
         if want_aux:
