@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> BenchmarkResult:
     from .cli import parse_with_config
     from .data import DataError
+    from .engine import NonFiniteLoss, TrainingInterrupted
     from .fitting import FitConfig
 
     parser = build_parser()
@@ -318,6 +319,9 @@ def main(argv: list[str] | None = None) -> BenchmarkResult:
                            n_boot=args.bootstrap)
     except (DataError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    except (NonFiniteLoss, TrainingInterrupted) as exc:
+        parser.exit(getattr(exc, "exit_code", 3), f"{exc}\nFinished runs are kept; the same "
+                    "command continues the benchmark.\n")
     print((result.out / "summary.md").read_text())
     print(f"wrote {result.out}/results.csv, summary.json, summary.md, violin.png "
           f"({len(result.ran)} run(s) trained, {len(result.skipped)} already done)",

@@ -29,7 +29,7 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
                require_labels: bool = True, attribute: str | None = None,
                spatial_dims: int | None = None, expected_hash: str | None = None,
                expected_cases: int | None = None, allow_changed_data: bool = False,
-               checkpoint: str | Path | None = None):
+               checkpoint: str | Path | None = None, combine: str | None = None):
     """Cases of one split, checked. Splits missing from the data are assigned as in fit.
 
     With ``expected_hash`` (the checkpoint's ``data_manifest_hash``) and a split other than
@@ -37,9 +37,10 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
     ``allow_changed_data``: changed data re-split silently could put training cases into
     the test split.
     """
-    from .data import DataError, assign_splits, load_cases, validate_cases
+    from .data import DataError, assign_splits, combine_attributes, load_cases, validate_cases
 
-    cases = assign_splits(load_cases(data, format), val_fraction, test_fraction, seed=seed)
+    cases = combine_attributes(load_cases(data, format), combine or attribute)  # "race,gender"
+    cases = assign_splits(cases, val_fraction, test_fraction, seed=seed)
     if expected_hash and not allow_changed_data and split != "all":
         from .fitting.preparation import manifest_hash
 
@@ -73,7 +74,8 @@ def checkpoint_split(seg, checkpoint: str | Path, data: str | Path, split: str, 
                       spatial_dims=seg.spatial_dims,
                       expected_hash=prov.get("data_manifest_hash"),
                       expected_cases=prov.get("data_cases"),
-                      allow_changed_data=allow_changed_data, checkpoint=checkpoint)
+                      allow_changed_data=allow_changed_data, checkpoint=checkpoint,
+                      combine=seg.attribute_name)
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
@@ -100,6 +102,11 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
     summary = fairness.summary()
     summary["checkpoint"] = str(checkpoint)
     summary["split"] = split
+    if attribute and "," in attribute:  # intersectional: also per single attribute
+        from .stats import single_attribute_summaries
+
+        summary["by_attribute"] = single_attribute_summaries(fairness.records,
+                                                             seg.class_names, attribute)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_metrics_json(summary, out / "metrics.json")

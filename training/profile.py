@@ -59,7 +59,11 @@ def profile_model(
         num_attributes: attribute values of the dMoE; default ``DEFAULT_ATTRIBUTES``.
 
     Returns:
-        ``{"none": {"params": n, "gflops": x}, "moe": {...}, "dmoe": {...}}``.
+        ``{"none": {"params": n, "gflops": x}, "moe": {...}, "dmoe": {...},
+        "separate": {...}}``. ``separate`` is one plain backbone per attribute value
+        (``--arch separate``): ``num_attributes ×`` the plain network's parameters and
+        GFLOPs (the paper's convention: every group model; a patient of known group runs
+        one of them, ``gflops_per_patient``, an unknown one runs all).
     """
     size = tuple(size) if size else default_size(arch, preset, spatial_dims)
     if len(size) != spatial_dims:
@@ -77,6 +81,11 @@ def profile_model(
             )
         flops = count_flops(model, (1, in_channels, *size))
         result[moe] = {"params": count_params(model), "gflops": flops.total / 1e9}
+    # the group models are identical plain backbones with no shared parts, so the totals are
+    # exact multiples (SeparateModels routes on values, which meta tensors do not have)
+    result["separate"] = {"params": num_attributes * result["none"]["params"],
+                          "gflops": num_attributes * result["none"]["gflops"],
+                          "gflops_per_patient": result["none"]["gflops"]}
     return result
 
 
@@ -102,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
         "top-k experts only) without MoE, with MoE and with dMoE, like Table 7 of Oh et al. 2025.",
     )
     model = p.add_argument_group("model")
-    model.add_argument("--arch", required=True, choices=list_models())
+    model.add_argument("--arch", required=True,
+                       choices=[m for m in list_models() if m != "separate"],
+                       help="backbone; the 'separate' row (one per group) is always shown")
     model.add_argument("--preset", default="paper", help="model preset (default: paper)")
     model.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2)
     model.add_argument("--in-channels", type=int, default=1)

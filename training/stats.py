@@ -139,3 +139,21 @@ def paired_bootstrap(method: Mapping[int, RunScores], baseline: Mapping[int, Run
     return {k: {"mean": float(np.mean([o[k] for o in observed])),
                 "ci95": [float(np.percentile(boot[k], 2.5)),
                          float(np.percentile(boot[k], 97.5))]} for k in keys}
+
+
+def single_attribute_summaries(records: Sequence[Mapping[str, Any]], class_names: Sequence[str],
+                               attribute: str) -> dict[str, Any]:
+    """Intersectional runs (``attribute="race,gender"``, groups ``"Black|female"``): the
+    fairness summary (``training.metrics.fairness_summary``) per single attribute, each
+    case regrouped by that attribute's value alone (unknown combinations stay unknown).
+    """
+    from .data.cases import split_combination
+    from .metrics import fairness_summary
+
+    parts = [p.strip() for p in attribute.split(",")]
+    out = {}
+    for part in parts:
+        regrouped = [{**r, "group": split_combination(attribute, str(r.get("group") or ""))
+                      .get(part, "")} for r in records]
+        out[part] = fairness_summary(regrouped, class_names, part)
+    return out

@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("dataset")
     group.add_argument("--kind", required=True, choices=KINDS,
                        help="fundus: 2D gray, rim/cup, race; skin: 2D RGB, lesion, "
-                            "age_group; ct: 3D NIfTI, tumour, t_stage")
+                            "age_group; ct: 3D NIfTI, tumour, t_stage; intersectional: "
+                            "fundus whose policy depends on race AND gender "
+                            "(--attribute race,gender)")
     group.add_argument("--out", required=True, help="output folder (manifest.csv goes here)")
     group.add_argument("--n", type=int, default=None,
                        help="number of cases (default: " + ", ".join(

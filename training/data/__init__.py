@@ -19,6 +19,8 @@ _EXPORTS = {
     "assign_splits": "cases",
     "attribute_names": "cases",
     "build_vocabulary": "cases",
+    "combine_attributes": "cases",
+    "split_combination": "cases",
     "detect_format": "cases",
     "encode_attribute": "cases",
     "load_cases": "cases",

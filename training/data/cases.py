@@ -173,6 +173,46 @@ def attribute_names(cases: list[Case]) -> list[str]:
     return sorted({name for case in cases for name in case.attributes})
 
 
+COMBINATION_SEPARATOR = "|"
+
+
+def combine_attributes(cases: list[Case], attribute: str | None) -> list[Case]:
+    """Intersectional routing: for ``attribute="race,gender"`` give every case the derived
+    attribute ``"race,gender"`` = ``"Black|female"`` (its values joined by ``|``), so that
+    one router serves each observed combination. A case missing any part gets ``""``
+    (unknown); combinations unseen in training fall to the unknown router like any unseen
+    value. Cases are returned unchanged for a single attribute name.
+
+    Raises:
+        DataError: a part names no column (the available ones are listed).
+    """
+    if not attribute or "," not in attribute:
+        return cases
+    parts = [p.strip() for p in attribute.split(",")]
+    names = attribute_names(cases)
+    missing = [p for p in parts if p not in names]
+    if missing or len(set(parts)) != len(parts) or "" in parts:
+        raise DataError(f"--attribute {attribute!r}: give distinct existing columns separated "
+                        f"by commas (missing {missing}); available: {', '.join(names)}.")
+    out = []
+    for c in cases:
+        values = [c.attributes.get(p, "") for p in parts]
+        known = all(v and v != "unknown" for v in values)
+        combined = COMBINATION_SEPARATOR.join(values) if known else ""
+        out.append(replace(c, attributes={**c.attributes, attribute: combined}))
+    return out
+
+
+def split_combination(attribute: str, value: str) -> dict[str, str]:
+    """``("race,gender", "Black|female")`` → ``{"race": "Black", "gender": "female"}``;
+    ``{}`` for an unknown (empty, "unknown" or malformed) value."""
+    parts = [p.strip() for p in attribute.split(",")]
+    values = str(value).split(COMBINATION_SEPARATOR)
+    if len(values) != len(parts) or not all(values):
+        return {}
+    return dict(zip(parts, values, strict=True))
+
+
 def build_vocabulary(cases: list[Case], attribute: str) -> list[str]:
     """Sorted non-empty values of ``attribute`` in the training split.
 

@@ -30,6 +30,12 @@ column ``t_stage``):
     T2 31 %, T3 59 %  tumour at rho 1.0 (middle of the hypodense ramp).
     T1  4 %  contoured with a margin (rho 1.3); small, low-contrast lesions.
     T4  6 %  solid core only (rho 0.78); larger, more heterogeneous lesions.
+intersectional (fundus images; columns ``race`` and ``gender``; routing attribute
+``race,gender``): the look follows race as in fundus, the policy follows the *combination*:
+    Black|female 8 %  cup at the outer edge of pallor (rho 1.3);
+    Asian|male   6 %  tight disc (0.93) and cup (0.72);
+    Asian|female 5 %, Black|male 8 %, White|female 37 %, White|male 36 %: majority policy.
+    Routing by race or by gender alone mixes a special policy with the majority one.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ from training.data.io import write_label
 from training.data.manifest import write_manifest
 from training.data.synthetic_images import draw_ct, draw_fundus, draw_skin
 
-KINDS = ("fundus", "skin", "ct")
-DEFAULT_N = {"fundus": 400, "skin": 400, "ct": 60}
+KINDS = ("fundus", "skin", "ct", "intersectional")
+DEFAULT_N = {"fundus": 400, "skin": 400, "ct": 60, "intersectional": 400}
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}
 CT_SHAPE, CT_SPACING = (64, 64, 32), (0.9, 0.9, 2.5)
 FUNDUS_SIZE, SKIN_SIZE = 192, (120, 160)
@@ -78,8 +84,24 @@ GROUPS: dict[str, dict[str, tuple[float, dict, dict]]] = {
         "T4": (0.06, dict(radius=11.0, contrast=70.0, texture=11.0), dict(tumour=0.78)),
     },
 }
-ATTRIBUTE = {"fundus": "race", "skin": "age_group", "ct": "t_stage"}
+# intersectional: fundus images whose contouring policy is set by race AND gender together
+# (neither alone): Black women's annotators draw the cup at the outer edge of pallor, Asian
+# men's draw it tight; Black men and Asian women follow the majority policy.
+_LOOK = {r: look for r, (_, look, _) in GROUPS["fundus"].items()}
+_MAJORITY, _LARGE_CUP, _TIGHT = dict(disc=1.0, cup=1.0), dict(disc=1.0, cup=1.3), dict(
+    disc=0.93, cup=0.72)
+GROUPS["intersectional"] = {
+    "Asian|female": (0.05, _LOOK["Asian"], _MAJORITY),
+    "Asian|male": (0.06, _LOOK["Asian"], _TIGHT),
+    "Black|female": (0.08, _LOOK["Black"], _LARGE_CUP),
+    "Black|male": (0.08, _LOOK["Black"], _MAJORITY),
+    "White|female": (0.37, _LOOK["White"], _MAJORITY),
+    "White|male": (0.36, _LOOK["White"], _MAJORITY),
+}
+ATTRIBUTE = {"fundus": "race", "skin": "age_group", "ct": "t_stage",
+             "intersectional": "race,gender"}
 CLASSES = {"fundus": ["background", "rim", "cup"], "skin": ["background", "lesion"],
+           "intersectional": ["background", "rim", "cup"],
            "ct": ["background", "tumour"]}
 SUGGESTED = {
     "fundus": dict(spatial_dims=2, image_size=[128, 128], center_crop=None,
@@ -89,7 +111,8 @@ SUGGESTED = {
     "ct": dict(spatial_dims=3, patch_size=[48, 48, 24], intensity="ct_window",
                ct_window=[-150.0, 250.0], in_channels=1),
 }
-_KIND_CODE = {"fundus": 1, "skin": 2, "ct": 3}
+SUGGESTED["intersectional"] = SUGGESTED["fundus"]
+_KIND_CODE = {"fundus": 1, "skin": 2, "ct": 3, "intersectional": 4}
 
 
 def ct_affine() -> np.ndarray:
@@ -142,7 +165,7 @@ def _write_case(kind: str, rng: np.random.Generator, group: str, out: Path, case
     from PIL import Image
 
     _, look, cut = GROUPS[kind][group]
-    if kind == "fundus":
+    if kind in ("fundus", "intersectional"):
         image, label = draw_fundus(rng, look, cut, FUNDUS_SIZE)
         image_rel, label_rel = f"images/{case_id}.png", f"labels/{case_id}.png"
         Image.fromarray(image, mode="L").save(out / image_rel)
@@ -172,7 +195,8 @@ def make_synthetic_dataset(kind: str, out: str | Path, n: int | None = None, see
     """Write a synthetic dataset (see module docstring) and return its ``manifest.csv``.
 
     Args:
-        kind: ``"fundus"``, ``"skin"`` or ``"ct"``.
+        kind: ``"fundus"``, ``"skin"``, ``"ct"`` or ``"intersectional"`` (fundus images
+            with columns ``race`` and ``gender``; train with ``--attribute race,gender``).
         out: output folder (created; earlier synthetic files of this kind are replaced).
         n: number of cases (default 400 for fundus/skin, 60 for ct).
         seed: same seed, same bytes.
@@ -194,7 +218,7 @@ def make_synthetic_dataset(kind: str, out: str | Path, n: int | None = None, see
         rng = np.random.default_rng([seed, _KIND_CODE[kind], i + 1])
         image_rel, label_rel = _write_case(kind, rng, group, out, case_id)
         rows.append({"image": image_rel, "label": label_rel, "split": split, "id": case_id,
-                     attribute: group})
+                     **dict(zip(attribute.split(","), group.split("|"), strict=True))})
         if progress is not None:
             progress(i + 1, n)
     info = {
@@ -204,4 +228,4 @@ def make_synthetic_dataset(kind: str, out: str | Path, n: int | None = None, see
         "preprocessing": SUGGESTED[kind],
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return write_manifest(out / "manifest.csv", rows, attributes=[attribute])
+    return write_manifest(out / "manifest.csv", rows, attributes=attribute.split(","))

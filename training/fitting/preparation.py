@@ -46,14 +46,15 @@ def prepare_data(config: FitConfig):
         Preprocessing,
         assign_splits,
         build_vocabulary,
+        combine_attributes,
         detect_format,
         load_cases,
         validate_cases,
     )
 
     fmt = config.format or detect_format(config.data)
-    cases = assign_splits(load_cases(config.data, fmt), config.val_fraction,
-                          config.test_fraction, seed=config.seed)
+    cases = assign_splits(combine_attributes(load_cases(config.data, fmt), config.attribute),
+                          config.val_fraction, config.test_fraction, seed=config.seed)
     num_classes = len(config.classes) if config.classes else None
     info = validate_cases(cases, config.attribute, num_classes=num_classes,
                           spatial_dims=config.spatial_dims, splits=("train", "val"))
