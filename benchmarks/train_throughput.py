@@ -4,6 +4,11 @@ Usage::
 
     python benchmarks/train_throughput.py [--processes 1 2] [--steps 20] [--batch-size 8]
         [--arch transunet] [--image-size 64] [--precision fp32|bf16] [--threads T]
+    # 3D ResUNet, with and without the dMoE layers (share of a step they take):
+    python benchmarks/train_throughput.py --arch resunet --preset tiny --patch 64 64 32 \
+        --batch-size 4 --moe none dmoe --processes 1
+    python benchmarks/train_throughput.py --arch resunet --preset paper --patch 128 128 64 \
+        --batch-size 2 --moe none dmoe --processes 1
 
 For each process count the script launches itself under ``torch.distributed.run``
 (``--nproc_per_node=N``, gloo, a free local port). Every worker builds the same tiny
@@ -14,6 +19,13 @@ share the machine fairly. The global batch is ``N × --batch-size``. Printed per
 samples/s over all ranks, seconds per step, and peak resident memory (max RSS) per
 process and summed. On a busy machine prefer ``--threads 1``: OpenMP threads that
 compete with other processes for cores slow down far more than single-threaded ones.
+
+``--patch H W [D]`` sets the image size per axis (three values: a 3D network).
+``--moe none dmoe`` runs the same network without and with its MoE layers (everything
+else equal, same seed) and prints the share of a training step the dMoE layers take:
+``1 - t(none) / t(dmoe)``, and the time they add, ``t(dmoe) / t(none) - 1``. The runs of
+the modes alternate ``--rounds`` times (median of the rounds) so that load changes on a
+shared machine hit both alike.
 """
 
 from __future__ import annotations
@@ -23,9 +35,12 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import time
+
+DEFAULT_TRANSUNET_KWARGS = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
 def _free_port() -> int:
@@ -44,18 +59,21 @@ def _worker(args: argparse.Namespace) -> None:
 
     info = setup_distributed(torch.device("cpu"))
     torch.manual_seed(0)
-    kwargs = json.loads(args.model_kwargs)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else (
+        dict(DEFAULT_TRANSUNET_KWARGS) if args.arch == "transunet" else {})
+    size = tuple(args.patch) if args.patch else (args.image_size,) * 2
     if args.arch == "transunet":
         kwargs.setdefault("img_size", args.image_size)
+    else:
+        kwargs.setdefault("spatial_dims", len(size))
     model = create_model(args.arch, preset=args.preset, in_channels=1, out_channels=3,
-                         moe="dmoe", num_attributes=3, **kwargs)
+                         moe=args.moe_mode, num_attributes=3, **kwargs)
     net = model
     if info.distributed:
         net = torch.nn.parallel.DistributedDataParallel(model)
     loss_fn = build_loss("dicece", num_classes=3, num_groups=3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(info.rank)
-    size = (args.image_size,) * 2
     batches = [{"image": torch.rand(args.batch_size, 1, *size, generator=g),
                 "label": torch.randint(0, 3, (args.batch_size, *size), generator=g),
                 "attr": torch.randint(0, 3, (args.batch_size,), generator=g)}
@@ -76,6 +94,7 @@ def _worker(args: argparse.Namespace) -> None:
     if info.is_main:
         print("RESULT " + json.dumps({
             "processes": info.world_size, "threads": torch.get_num_threads(),
+            "moe": args.moe_mode,
             "samples_per_s": samples / slowest, "s_per_step": slowest / args.steps,
             "peak_rss_mb_per_process": rss, "peak_rss_mb_total": sum(rss),
         }), flush=True)
@@ -88,12 +107,12 @@ def _gather(value: float) -> list[float]:
     return [float(v) for v in all_gather_objects(value)]
 
 
-def _launch(n: int, args: argparse.Namespace, argv: list[str]) -> dict:
+def _launch(n: int, args: argparse.Namespace, argv: list[str], moe: str) -> dict:
     threads = args.threads or max((os.cpu_count() or 1) // n, 1)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.abspath(__file__), "--worker", *argv]
+           os.path.abspath(__file__), "--worker", "--moe-mode", moe, *argv]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -116,7 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--model-kwargs", default='{"embed_dim": 64, "depth": 2, "num_heads": 2}')
+    p.add_argument("--patch", type=int, nargs="+", metavar="SIZE",
+                   help="image size per axis, e.g. 64 64 32 (3 values = 3D; overrides "
+                        "--image-size; resunet only)")
+    p.add_argument("--moe", nargs="+", choices=["none", "moe", "dmoe"], default=["dmoe"],
+                   help="MoE modes to compare (same network otherwise)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the MoE modes this many times; medians are printed")
+    p.add_argument("--model-kwargs", default=None,
+                   help=f"JSON kwargs for create_model (transunet default: "
+                        f"{json.dumps(DEFAULT_TRANSUNET_KWARGS)})")
+    p.add_argument("--moe-mode", default="dmoe", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help="torch threads per process (default: cores // N)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -128,20 +157,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker:
         _worker(args)
         return []
+    if args.patch and (args.arch != "resunet" or len(args.patch) not in (2, 3)):
+        raise SystemExit(f"--patch takes 2 or 3 sizes and --arch resunet, got {args.patch} "
+                         f"with --arch {args.arch}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    passthrough = [a for a in argv if a not in ("--worker",)]
-    results = []
-    print(f"{args.arch}/{args.preset} {args.image_size}px, batch {args.batch_size}/process, "
-          f"{args.steps} steps, {args.precision}, {os.cpu_count()} cores")
-    print(f"{'procs':>5} {'threads':>7} {'samples/s':>10} {'s/step':>8} "
+    passthrough = _strip(argv, "--moe", "--rounds", "--processes")
+    size = "x".join(map(str, args.patch)) if args.patch else f"{args.image_size}px"
+    print(f"{args.arch}/{args.preset} {size}, batch {args.batch_size}/process, "
+          f"{args.steps} steps, {args.precision}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'moe':>5} {'procs':>5} {'threads':>7} {'samples/s':>10} {'s/step':>8} "
           f"{'peak RSS/proc MB':>17} {'total MB':>9}")
+    results = []
     for n in args.processes:
-        r = _launch(n, args, passthrough)
-        results.append(r)
-        per = "/".join(f"{v:.0f}" for v in r["peak_rss_mb_per_process"])
-        print(f"{r['processes']:>5} {r['threads']:>7} {r['samples_per_s']:>10.1f} "
-              f"{r['s_per_step']:>8.3f} {per:>17} {r['peak_rss_mb_total']:>9.0f}", flush=True)
+        steps: dict[str, list[float]] = {m: [] for m in args.moe}
+        for _ in range(args.rounds):
+            for moe in args.moe:
+                r = _launch(n, args, passthrough + ["--processes", str(n)], moe)
+                results.append(r)
+                steps[moe].append(r["s_per_step"])
+                per = "/".join(f"{v:.0f}" for v in r["peak_rss_mb_per_process"])
+                print(f"{moe:>5} {r['processes']:>5} {r['threads']:>7} "
+                      f"{r['samples_per_s']:>10.1f} {r['s_per_step']:>8.3f} {per:>17} "
+                      f"{r['peak_rss_mb_total']:>9.0f}", flush=True)
+        if "none" in steps and len(steps) > 1:
+            base = statistics.median(steps["none"])
+            for moe in (m for m in args.moe if m != "none"):
+                t = statistics.median(steps[moe])
+                print(f"{n} process(es): {moe} {t:.3f} s/step vs none {base:.3f} s/step "
+                      f"(medians of {args.rounds}): the {moe} layers take {1 - base / t:.1%} "
+                      f"of a step, +{t / base - 1:.1%} over the network without them")
     return results
+
+
+def _strip(argv: list[str], *options: str) -> list[str]:
+    """``argv`` without the given options and their values."""
+    out, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a.split("=")[0] in options
+            if skip:
+                continue
+        elif skip:
+            continue
+        out.append(a)
+    return out
 
 
 if __name__ == "__main__":

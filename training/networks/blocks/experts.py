@@ -10,15 +10,14 @@ one contiguous run of rows, runs every expert on its rows only (cost scales with
 Two paths compute the same function:
 
 - ``"fused"`` (CPU, and CUDA fallback): one autograd function walks the sorted rows in
-  chunks of ``chunk_rows``. The dropout mask is drawn once per call, one byte per unit,
-  16 random bits per unit (drop probability quantised to ``2**-16``) from the default
-  generator, and reused by the backward pass; the ``1/(1-p)`` scale is applied to the
-  narrow ``(rows, C)`` side of the second product. Products go through oneDNN where
-  torch has it (twice MKL's fp32 speed on AMD CPUs). Small inputs keep their hidden
-  activations for the backward pass;
-  large ones (3D maps) recompute them chunk by chunk, so memory stays ``O(T*C)`` plus the
-  byte mask. One ``dy @ W2^T`` serves both the hidden gradient and, with the stored
-  expert outputs, the gate gradient.
+  chunks. The dropout mask is drawn once per call from the default generator (16 random
+  bits per unit: drop probability quantised to ``2**-16``), stored as one byte per unit
+  and reused by the backward pass; the ``1/(1-p)`` scale acts on the narrow ``(rows, C)``
+  side of the second product. Products go through oneDNN where torch has it (twice
+  MKL's fp32 speed on AMD CPUs), on chunks padded to a few row counts so its kernels are
+  built once. Small inputs keep their hidden activations for the backward pass; large
+  ones (3D maps) recompute them chunk by chunk, so memory stays ``O(T*C)`` plus the byte
+  mask. The stored expert outputs give the gate gradient without a hidden-wide product.
 - ``"grouped"`` (CUDA tensors, when torch has ``grouped_mm``): bf16 grouped GEMMs over
   the sorted rows with plain autograd.
 """
