@@ -46,8 +46,8 @@ def test_fit_writes_promised_outputs(trained):
     assert meta["attribute"] == {"name": "race", "vocabulary": ["Asian", "Black", "White"],
                                  "unknown_router": True}
     assert meta["preprocessing"]["image_size"] == [32, 32]
-    assert meta["provenance"]["validation"]["mean"]["es_dice"] == pytest.approx(
-        trained.best_metric)
+    assert meta["provenance"]["validation"]["mean"]["dice"] == pytest.approx(
+        trained.best_metric)  # --select dice (the default) picks best.safetensors
     assert meta["provenance"]["data_manifest_hash"]
 
 

@@ -27,9 +27,10 @@ def _additions(result, moe="dmoe"):
 
 def test_json_schema(capsys):
     result = _run_json(capsys, "--arch", "resunet", "--preset", "tiny", "--size", "64", "64")
-    assert list(result) == ["none", "moe", "dmoe"]
-    for row in result.values():
-        assert set(row) == {"params", "gflops"}
+    assert list(result) == ["none", "moe", "dmoe", "separate"]
+    for name, row in result.items():
+        assert set(row) == {"params", "gflops"} | (
+            {"gflops_per_patient"} if name == "separate" else set())
         assert isinstance(row["params"], int) and isinstance(row["gflops"], float)
         assert row["gflops"] > 0
     assert result["none"]["params"] < result["moe"]["params"] < result["dmoe"]["params"]
