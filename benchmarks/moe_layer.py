@@ -11,14 +11,17 @@ autograd) in the same process, alternating the two so that load changes hit both
 - ``train`` (the default first row) is the configuration users train with: ``train()``
   mode, router noise on, expert dropout 0.1. ``eval`` (second row) has both off; there the
   outputs of both implementations are also compared (``max|diff|``).
-- Time: median of ``--repeats`` with min–max; speed-up = reference median / dMoE median.
+- Time: wall-clock median of ``--repeats`` with min–max; speed-up = reference median /
+  dMoE median. ``cpu s``: medians of the process's CPU time (all threads) and their
+  ratio; with ``--threads 1`` on a busy shared machine the steadier figure (time spent
+  waiting for a core is not counted; with several threads, OpenMP spin-waits are).
 - Peak memory: the rise of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs`` before each step, glibc told to hand freed blocks back) over
   the resident set before the step: everything the step allocates, on CPU. On CUDA tensors
   ``torch.cuda.max_memory_allocated`` is used instead.
 - ``%peak``: useful expert + router FLOPs (backward = 2x forward; recomputation is not
   counted) per second over the best measured fp32 2048x2048 product (``torch.mm``/MKL or
-  oneDNN) on the same threads.
+  oneDNN) on the same threads; once per wall second, once per CPU second.
 - ``path``: which expert dispatch ran (``fused`` on CPU; ``grouped`` = bf16 grouped GEMM
   on CUDA).
 """
@@ -74,8 +77,8 @@ def reference_forward(layer, x, attr):
     return x + out.reshape(x.shape)
 
 
-def matmul_peak(seconds: float = 1.0) -> dict[str, float]:
-    """fp32 GFLOP/s of a 2048x2048 product on this process's torch threads.
+def matmul_peak(seconds: float = 1.0) -> dict[str, tuple[float, float]]:
+    """fp32 GFLOP per wall second and per CPU second of a 2048x2048 product.
 
     ``mkl``: ``torch.mm``; ``onednn``: oneDNN's linear (what the fused experts use), when
     torch has it. The peak the ``%peak`` column divides by is the larger of the two.
@@ -90,11 +93,12 @@ def matmul_peak(seconds: float = 1.0) -> dict[str, float]:
     rates = {}
     for name, product in products.items():
         product()
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             product()
             n += 1
-        rates[name] = 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+        flop = 2 * 2048**3 * n / 1e9
+        rates[name] = (flop / (time.perf_counter() - t0), flop / (time.process_time() - c0))
     return rates
 
 
@@ -170,30 +174,32 @@ def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
         layer.zero_grad(set_to_none=True)
         x.grad = None
         memory.start()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         y = run()
         y.backward(torch.ones_like(y))
         if device == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         del y
-        return seconds, memory.stop()
+        return seconds, cpu, memory.stop()
 
     for run in impls.values():
         step(run)  # warm-up
     times = {name: [] for name in impls}
+    cpu_times = {name: [] for name in impls}
     peaks = {name: 0.0 for name in impls}
     for _ in range(repeats):
         for name, run in impls.items():
-            seconds, peak = step(run)
+            seconds, cpu, peak = step(run)
             times[name].append(seconds)
+            cpu_times[name].append(cpu)
             peaks[name] = max(peaks[name], peak)
     diff = float("nan")
     if mode == "eval":
         with torch.no_grad():
             diff = (impls["dmoe"]() - impls["reference"]()).abs().max().item()
     tokens = x.reshape(-1, s["C"])
-    return {"times": times, "peak_mb": peaks, "max_abs_diff": diff,
+    return {"times": times, "cpu_times": cpu_times, "peak_mb": peaks, "max_abs_diff": diff,
             "path": layer.experts.select_path(tokens)}
 
 
@@ -215,14 +221,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rates = matmul_peak()
-    peak = max(rates.values())
+    peak = max(wall for wall, _ in rates.values())
+    cpu_peak = max(cpu for _, cpu in rates.values())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {os.getloadavg()[0]:.1f}; E={E}, top-{K}, dropout {DROPOUT} (train)")
-    print("fp32 2048x2048 product: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
-          + f" -> peak {peak:.0f}")
-    print(f"{'shape':24} {'mode':5} {'path':7} {'dMoE s, median (min–max)':>26} "
-          f"{'reference s':>26} {'speed-up':>8} {'dMoE MB':>8} {'ref MB':>8} {'mem':>5} "
-          f"{'%peak':>6} {'max|diff|':>9}")
+    print("fp32 2048x2048 product, GFLOP/s (per wall s, per CPU s): "
+          + ", ".join(f"{k} {w:.0f}, {c:.0f}" for k, (w, c) in rates.items())
+          + f" -> peak {peak:.0f}, {cpu_peak:.0f}")
+    print(f"{'shape':24} {'mode':5} {'path':7} {'dMoE s, median (min–max)':>24} "
+          f"{'reference s':>24} {'speed-up':>8} {'dMoE MB':>8} {'ref MB':>8} {'mem':>5} "
+          f"{'%peak':>6} | {'cpu s dMoE/ref':>15} {'cpu x':>6} {'%peak':>6} | {'max|diff|':>9}")
     rows = []
     for shape in args.only or list(SHAPES):
         s = SHAPES[shape]
@@ -231,13 +239,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r = measure(shape, mode, args.repeats, args.device)
             t_d, t_r = r["times"]["dmoe"], r["times"]["reference"]
             speed = statistics.median(t_r) / statistics.median(t_d)
+            c_d = statistics.median(r["cpu_times"]["dmoe"])
+            c_r = statistics.median(r["cpu_times"]["reference"])
             mem = r["peak_mb"]["dmoe"] / max(r["peak_mb"]["reference"], 1e-9)
             frac = _flops(s) / statistics.median(t_d) / 1e9 / peak
-            print(f"{label:24} {mode:5} {r['path']:7} {_fmt(t_d):>26} {_fmt(t_r):>26} "
+            cpu_frac = _flops(s) / c_d / 1e9 / cpu_peak
+            print(f"{label:24} {mode:5} {r['path']:7} {_fmt(t_d):>24} {_fmt(t_r):>24} "
                   f"{speed:7.2f}x {r['peak_mb']['dmoe']:8.0f} {r['peak_mb']['reference']:8.0f} "
-                  f"{mem:5.2f} {frac:6.1%} {r['max_abs_diff']:9.1e}", flush=True)
+                  f"{mem:5.2f} {frac:6.1%} | {f'{c_d:.3f}/{c_r:.3f}':>15} {c_r / c_d:5.2f}x "
+                  f"{cpu_frac:6.1%} | {r['max_abs_diff']:9.1e}", flush=True)
             rows.append({"shape": shape, "mode": mode, **r, "speed_up": speed,
-                         "mem_ratio": mem, "peak_fraction": frac})
+                         "cpu_speed_up": c_r / c_d, "mem_ratio": mem, "peak_fraction": frac,
+                         "cpu_peak_fraction": cpu_frac})
     return rows
 
 
