@@ -190,7 +190,9 @@ def _run(config: FitConfig, info) -> FitResult:
     train_model = model
     if info.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            # separate: a batch may hold no sample of some group, leaving its model unused
+            find_unused_parameters=config.arch == "separate")
     if config.compile:
         train_model = torch.compile(train_model)
     saver = CheckpointSaver(out, model, metadata, provenance, optimizer, scheduler, scaler,
