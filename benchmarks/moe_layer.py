@@ -15,9 +15,10 @@ autograd) in the same process, alternating the two so that load changes hit both
   dMoE median. ``cpu s``: medians of the process's CPU time (all threads) and their
   ratio; with ``--threads 1`` on a busy shared machine the steadier figure (time spent
   waiting for a core is not counted; with several threads, OpenMP spin-waits are).
-- Peak memory: the rise of the process's peak resident set (``VmHWM``, reset through
-  ``/proc/self/clear_refs`` before each step, glibc told to hand freed blocks back) over
-  the resident set before the step: everything the step allocates, on CPU. On CUDA tensors
+- Peak memory (one step each, in a child process): the rise of the peak resident set
+  (``VmHWM``, reset through ``/proc/self/clear_refs`` before the step, glibc told to hand
+  freed blocks back, which would slow the timed runs) over the resident set before the
+  step: everything the step allocates, on CPU. On CUDA tensors
   ``torch.cuda.max_memory_allocated`` is used instead.
 - ``%peak``: useful expert + router FLOPs (backward = 2x forward; recomputation is not
   counted) per second over the best measured fp32 2048x2048 product (``torch.mm``/MKL or
@@ -30,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 SHAPES = {
@@ -151,8 +155,8 @@ def _flops(s: dict) -> float:
     return 3 * fwd
 
 
-def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
-    """Time and memory of both implementations for one shape and mode, alternating them."""
+def _setup(shape: str, mode: str, device: str):
+    """The layer, its input and both implementations for one shape and mode."""
     import torch
 
     from training.networks import DMoE
@@ -168,12 +172,13 @@ def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
     attr = torch.arange(s["B"], device=device) % s["A"]
     impls = {"dmoe": lambda: layer(x, attr).output,
              "reference": lambda: reference_forward(layer, x, attr)}
-    memory = PeakMemory(device == "cuda")
 
-    def step(run):
+    def step(run, memory=None):
+        """One forward+backward: ``(wall s, CPU s, peak MB or nan)``."""
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        memory.start()
+        if memory:
+            memory.start()
         t0, c0 = time.perf_counter(), time.process_time()
         y = run()
         y.backward(torch.ones_like(y))
@@ -181,26 +186,44 @@ def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
             torch.cuda.synchronize()
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         del y
-        return seconds, cpu, memory.stop()
+        return seconds, cpu, memory.stop() if memory else float("nan")
 
+    return layer, x, attr, impls, step
+
+
+def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
+    """Time both implementations for one shape and mode, alternating them."""
+    import torch
+
+    layer, x, attr, impls, step = _setup(shape, mode, device)
     for run in impls.values():
         step(run)  # warm-up
     times = {name: [] for name in impls}
     cpu_times = {name: [] for name in impls}
-    peaks = {name: 0.0 for name in impls}
     for _ in range(repeats):
         for name, run in impls.items():
-            seconds, cpu, peak = step(run)
+            seconds, cpu, _ = step(run)
             times[name].append(seconds)
             cpu_times[name].append(cpu)
-            peaks[name] = max(peaks[name], peak)
     diff = float("nan")
     if mode == "eval":
         with torch.no_grad():
             diff = (impls["dmoe"]() - impls["reference"]()).abs().max().item()
-    tokens = x.reshape(-1, s["C"])
-    return {"times": times, "cpu_times": cpu_times, "peak_mb": peaks, "max_abs_diff": diff,
+    tokens = x.reshape(-1, x.shape[-1])
+    return {"times": times, "cpu_times": cpu_times, "max_abs_diff": diff,
             "path": layer.experts.select_path(tokens)}
+
+
+def measure_memory(shape: str, mode: str, device: str) -> dict[str, float]:
+    """Peak MB of one step of each implementation (run in a child process: the malloc
+    settings that make resident memory track live memory would slow the timed runs)."""
+    memory = PeakMemory(device == "cuda")
+    _, _, _, impls, step = _setup(shape, mode, device)
+    peaks = {}
+    for name, run in impls.items():
+        step(run)  # warm-up
+        peaks[name] = step(run, memory)[2]
+    return peaks
 
 
 def _fmt(ts: list[float]) -> str:
@@ -214,12 +237,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--memory-child", nargs=2, metavar=("SHAPE", "MODE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(measure_memory(*args.memory_child, args.device)))
+        return []
     rates = matmul_peak()
     peak = max(wall for wall, _ in rates.values())
     cpu_peak = max(cpu for _, cpu in rates.values())
@@ -237,6 +265,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         label = f"B={s['B']} N={s['N']:,} C={s['C']}"
         for mode in args.modes:
             r = measure(shape, mode, args.repeats, args.device)
+            child = subprocess.run(
+                [sys.executable, __file__, "--memory-child", shape, mode, "--device",
+                 args.device, "--threads", str(torch.get_num_threads())],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            r["peak_mb"] = json.loads(child.stdout.strip().splitlines()[-1])
             t_d, t_r = r["times"]["dmoe"], r["times"]["reference"]
             speed = statistics.median(t_r) / statistics.median(t_d)
             c_d = statistics.median(r["cpu_times"]["dmoe"])
