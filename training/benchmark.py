@@ -218,13 +218,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     groups = sorted({g for m in methods.values() for g in m["groups"]})
     ns = {g: next(m["groups"][g]["n"] for m in methods.values() if g in m["groups"])
           for g in groups}
-    head = (["method", "ES-Dice", "Dice"] + [f"Dice {g} (n={ns[g]})" for g in groups]
+    cell = {g: g.replace("|", "\\|") for g in groups}  # "Black|female" inside a table
+    head = (["method", "ES-Dice", "Dice"] + [f"Dice {cell[g]} (n={ns[g]})" for g in groups]
             + ["ES-IoU", "IoU", "GFLOPs", "params (M)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, v in methods.items():
         cells = [METHOD_TITLES.get(m, m), _pm(v["es_dice"]), _pm(v["dice"])]
         cells += [_pm(v["groups"][g]) if g in v["groups"] else "—" for g in groups]
-        cells += [_pm(v["es_iou"]), _pm(v["iou"]), f"{v['gflops']:.2f}",
+        cells += [_pm(v["es_iou"]), _pm(v["iou"]), f"{v['gflops']:.3f}",
                   f"{v['params'] / 1e6:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = max(len(v["seeds"]) for v in methods.values())
@@ -233,7 +234,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         base = summary["baseline"]
         lines += ["", f"Difference from {METHOD_TITLES.get(base, base)} (×100, mean over "
                   "seeds [95 % paired bootstrap CI over seeds and test cases]):", ""]
-        head = ["method", "ES-Dice", "Dice"] + [f"Dice {g}" for g in groups]
+        head = ["method", "ES-Dice", "Dice"] + [f"Dice {cell[g]}" for g in groups]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
         def ci(d: dict[str, Any]) -> str:
