@@ -33,9 +33,9 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
     """Cases of one split, checked. Splits missing from the data are assigned as in fit.
 
     With ``expected_hash`` (the checkpoint's ``data_manifest_hash``) and a split other than
-    ``"all"``, data whose manifest hash differs are refused (DataError naming both hashes and the case counts) unless
-    ``allow_changed_data``: changed data re-split silently could put training cases into
-    the test split.
+    ``"all"``, data whose manifest hash differs are refused (DataError naming both hashes
+    and the case counts) unless ``allow_changed_data``: changed data re-split silently
+    could put training cases into the test split.
     """
     from .data import DataError, assign_splits, combine_attributes, load_cases, validate_cases
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss as MonaiDiceCE
 from monai.losses import DiceLoss
-
-import numpy as np
 
 from training.losses import DiceCELoss, FEBSLoss, GroupDROLoss, build_loss
 

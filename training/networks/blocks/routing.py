@@ -108,9 +108,9 @@ class AttributeRouterBank(nn.Module):
         self.router_bias = bool(router_bias)
         if self.router_bias:  # the official dMoE code: nn.Linear routers (bias, default init)
             bound = 1.0 / math.sqrt(embed_dim)
-            self.b_gate = nn.Parameter(torch.empty(num_routers, num_experts).uniform_(-bound, bound))
-            self.b_noise = nn.Parameter(torch.empty(num_routers, num_experts).uniform_(-bound,
-                                                                                       bound))
+            shape = (num_routers, num_experts)
+            self.b_gate = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+            self.b_noise = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
             with torch.no_grad():
                 self.w_gate.uniform_(-bound, bound)
                 self.w_noise.uniform_(-bound, bound)
