@@ -58,6 +58,33 @@ def model_input(data: Any, *, rgb: bool) -> tuple[np.ndarray, int | None]:
     return array, (-1 if rgb else None)
 
 
+def voxel_affine(layer: Any) -> np.ndarray | None:
+    """The 4x4 voxel-to-RAS affine of a 3D image layer's model input ``(X, Y, Z)``.
+
+    Exact from the reader's metadata (NIfTI, DICOM: ``voxel_affine``); otherwise taken from
+    the layer's placement (scale, translate, rotation, affine; world axes read as
+    ``(S, A, R)`` like the reader's layers) when the layer has a physical scale, and
+    ``None`` for a plain array (the model then sees it in stored order, and says so).
+    """
+    meta = (getattr(layer, "metadata", None) or {}).get(META) or {}
+    if meta.get("voxel_affine") is not None:
+        return np.asarray(meta["voxel_affine"], dtype=np.float64)
+    if layer_spatial_ndim(np.ndim(layer.data), bool(getattr(layer, "rgb", False))) != 3:
+        return None
+    if np.allclose(np.asarray(layer.scale)[-3:], 1.0) and np.allclose(
+            np.asarray(layer.affine.affine_matrix), np.eye(len(layer.scale) + 1)):
+        return None
+    origin = np.asarray(layer.data_to_world((0, 0, 0)), dtype=np.float64)
+    affine = np.eye(4)
+    for data_axis in range(3):  # data (z, y, x) -> world (S, A, R); reversed to (x,y,z)->RAS
+        step = np.zeros(3)
+        step[data_axis] = 1.0
+        column = np.asarray(layer.data_to_world(tuple(step)), dtype=np.float64) - origin
+        affine[:3, 2 - data_axis] = column[::-1]
+    affine[:3, 3] = origin[::-1]
+    return affine
+
+
 def layer_labels(labels: np.ndarray) -> np.ndarray:
     """Model-order labels ``(*spatial)`` -> layer order (3D transposed back to ``(Z, Y, X)``)."""
     labels = np.asarray(labels)
@@ -103,6 +130,9 @@ class RunOptions:
         region: 2D only, ``(row0, row1, col0, col1)`` in image pixels: segment that crop
             and paste the result into a full-size mask (background elsewhere).
         slices: a 2D model on a 3D stack ``(Z, Y, X[, C])``: segment slice by slice.
+        affine: 3D only, the voxel-to-RAS affine of the ``(X, Y, Z)`` model input
+            (:func:`voxel_affine`); the model reorients and resamples with it and maps the
+            mask back onto the layer's grid. ``None``: stored order, no resampling.
     """
 
     channel_axis: int | None = None
@@ -110,6 +140,7 @@ class RunOptions:
     return_probabilities: bool = False
     region: tuple[int, int, int, int] | None = None
     slices: bool = False
+    affine: np.ndarray | None = None
 
 
 def segment_steps(segmenter: Any, image: np.ndarray, values: Sequence[str], *,
@@ -158,6 +189,8 @@ def segment_one(segmenter: Any, image: np.ndarray, value: str, options: RunOptio
                               "progress": progress, "should_cancel": should_cancel}
     if options.return_probabilities:
         kwargs["return_probabilities"] = True
+    if options.affine is not None and not options.slices:
+        kwargs["affine"] = options.affine
     if options.slices:
         return _segment_slices(segmenter, image, value, kwargs)
     if options.region is None:

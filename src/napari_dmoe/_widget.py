@@ -481,7 +481,8 @@ class DMoEWidget(TruthMixin, ShutdownMixin, QWidget):
         options = _tasks.RunOptions(
             channel_axis=channel_axis, region=self.region(), slices=slices,
             return_routing=not slices and (compare or self.routing_check.isChecked()),
-            return_probabilities=kind is not None and not compare)
+            return_probabilities=kind is not None and not compare,
+            affine=None if slices else _tasks.voxel_affine(layer))
         self._job = {"layer": layer, "segmenter": seg, "entry": self.model_entry,
                      "compare": compare, "values": values, "probability": kind,
                      "slices": slices,

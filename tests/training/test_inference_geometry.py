@@ -48,8 +48,8 @@ def original_mask(ct_case, tmp_path_factory) -> nib.Nifti1Image:
     return _predict(tmp_path_factory.mktemp("pred"), image, value, "original")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("codes", ORIENTATIONS)
+@pytest.mark.parametrize("codes", [  # one permutation in the default run, the rest slow
+    pytest.param(c, marks=() if c == "SRA" else pytest.mark.slow) for c in ORIENTATIONS])
 def test_same_scanner_space_mask_whatever_the_storage_order(ct_case, original_mask, tmp_path,
                                                             codes):
     image, value = ct_case
