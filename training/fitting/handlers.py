@@ -1,9 +1,9 @@
 """What the training loop calls at the end of an epoch: checkpoint saving (best and the
-resumable last pair), ``history.csv``, and messages about the files a stopped run keeps."""
+resumable last pair, which also writes ``history.csv``), and messages about the files a
+stopped run keeps."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -53,14 +53,3 @@ def kept_message(problem: str, out: Path, completed: int) -> str:
         return (f"{problem}. Stopped; the files of epoch {completed} in {out} are kept "
                 "(try a lower --lr or --precision fp32, check the data, then --resume)")
     return f"{problem}. Stopped before any epoch completed (try a lower --lr or --precision fp32)"
-
-
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``history.csv``: one row per completed epoch, columns in first-seen order."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
