@@ -3,6 +3,7 @@
 # They are DEMO models trained on synthetic data from `python -m training.synth`: they show
 # how the plugin works and are not for clinical use.
 # Usage: bash scripts/train_demo_models.sh [WORK_DIR] [fundus] [skin] [ct]   (default: all three)
+# A rerun continues (--resume) an unfinished run in WORK_DIR and reuses a finished one.
 set -euo pipefail
 work=${1:-runs/demo}
 shift || true
@@ -14,7 +15,7 @@ demo() {  # name kind attribute classes extra-fit-flags...
   [ -f "$work/data/$kind/manifest.csv" ] || \
     python -m training.synth --kind "$kind" --out "$work/data/$kind" --seed 0 > /dev/null
   python -m training.fit --data "$work/data/$kind/manifest.csv" --attribute "$attribute" \
-    --classes "$classes" --moe dmoe --preset tiny --seed 0 --out "$work/$name" \
+    --classes "$classes" --moe dmoe --preset tiny --seed 0 --out "$work/$name" --resume \
     --description "DEMO model trained on synthetic $kind data (training.synth) - not for clinical use" \
     "$@" | tee "$work/$name.log"
   python -m training.evaluate --checkpoint "$work/$name/best.safetensors" \
