@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=lambda s: s.split(","), help="e.g. background,rim,cup")
     g.add_argument("--image-size", type=int, help="2D model input side (default 224)")
     g.add_argument("--center-crop", type=int, help="2D centre crop in pixels before resizing")
+    g.add_argument("--gray-from", default="luminance",
+                   choices=["luminance", "red", "green", "blue"],
+                   help="how inference turns an RGB photograph into gray for a grayscale "
+                        "model (e.g. green for fundus); stored in the checkpoint")
     g.add_argument("--intensity", choices=["minmax", "scale255", "none"],
                    help="2D intensity scaling (default minmax per image; scale255: fixed /255 "
                         "as the FairSeg reference)")

@@ -170,3 +170,17 @@ def test_predict_prints_the_notices(tmp_path, capsys):
     main(["--checkpoint", str(MODELS / "fundus_race_dmoe.safetensors"), "--image",
           str(tmp_path / "photo.png"), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert "photo: RGB image converted to grayscale" in capsys.readouterr().out
+
+
+def test_fit_records_which_channel_makes_rgb_gray(tmp_path):
+    from training.data import make_synthetic_dataset
+    from training.fit import FitConfig, prepare_data
+
+    manifest = make_synthetic_dataset("fundus", tmp_path / "fundus", n=20, seed=1)
+    default = prepare_data(FitConfig(data=str(manifest), attribute="race", image_size=32))[4]
+    green = prepare_data(FitConfig(data=str(manifest), attribute="race", image_size=32,
+                                   gray_from="green"))[4]
+    assert default.gray_from == "luminance" and green.gray_from == "green"
+    assert green.to_dict()["gray_from"] == "green"  # what the checkpoint stores
+    with pytest.raises(ValueError, match="gray_from"):
+        prepare_data(FitConfig(data=str(manifest), attribute="race", gray_from="purple"))

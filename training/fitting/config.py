@@ -36,6 +36,7 @@ class FitConfig:
     image_size: int | None = None
     center_crop: int | None = None
     intensity: str | None = None
+    gray_from: str = "luminance"
     patch_size: list[int] | None = None
     ct_window: list[float] | None = None
     spacing: list[float] | None = None

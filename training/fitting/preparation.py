@@ -66,7 +66,8 @@ def prepare_data(config: FitConfig):
     if config.spatial_dims == 2:
         size = config.image_size or DEFAULT_IMAGE_SIZE.get(config.arch, 224)
         pre = Preprocessing(spatial_dims=2, image_size=(size, size), center_crop=config.center_crop,
-                            intensity=config.intensity or "minmax", in_channels=in_channels)
+                            intensity=config.intensity or "minmax", in_channels=in_channels,
+                            gray_from=config.gray_from)
     else:
         window = config.ct_window
         orientation, spacing = config.orientation, config.spacing
