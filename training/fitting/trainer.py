@@ -18,7 +18,7 @@ from .preparation import build_model, build_optimizer, manifest_hash, prepare_da
 
 
 def fit(config: FitConfig) -> FitResult:
-    """Train, validate every ``val_every`` epochs, keep the best model by ES-Dice.
+    """Train, validate every ``val_every`` epochs, keep the best model by ``--select``.
 
     Under ``torchrun`` the processes train one DistributedDataParallel model (see
     ``training.distributed``); only rank 0 writes files and logs.
@@ -28,7 +28,7 @@ def fit(config: FitConfig) -> FitResult:
         TrainingInterrupted: SIGTERM/SIGINT; the last completed epoch is saved for --resume.
         ValueError: bad settings, or ``--resume`` found nothing usable (``StateError``).
     """
-    from ..distributed import setup_distributed, teardown_distributed
+    from ..distributed import barrier, setup_distributed, teardown_distributed
     from ..engine import TrainingLog
     from ..inference import resolve_device
     from ..run_folder import open_shared_run_folder
@@ -42,7 +42,10 @@ def fit(config: FitConfig) -> FitResult:
         try:
             for note in folder.notes if folder else []:
                 TrainingLog(config.quiet)(f"{config.out}: {note}")
-            return _run(config, info)
+            result = _run(config, info)
+            if info.distributed:  # leave together: a rank that tears the group down while
+                barrier()         # rank 0 still writes its files can abort (gloo, SIGABRT)
+            return result
         finally:
             if folder is not None:
                 folder.close()
