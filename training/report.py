@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from training.metrics import UNKNOWN_GROUP, group_name, sorted_groups, foreground_names
+from training.metrics import UNKNOWN_GROUP, foreground_names, group_name, sorted_groups
 
 METRICS_FILE = "metrics.json"
 _SCALE_NOTE = (

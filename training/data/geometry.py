@@ -139,7 +139,8 @@ class CanonicalGeometry:
                f"{grid(self.target_shape, self.target_affine)}"
 
 
-def plan_geometry(shape: tuple[int, ...], affine: Any, orientation: str | None = DEFAULT_ORIENTATION,
+def plan_geometry(shape: tuple[int, ...], affine: Any,
+                  orientation: str | None = DEFAULT_ORIENTATION,
                   spacing: tuple[float, ...] | None = None) -> CanonicalGeometry:
     """Describe the way from a stored grid ``shape`` ``(X, Y, Z)`` + ``affine`` to the
     canonical grid (``orientation`` axis codes, ``spacing`` mm; None keeps either)."""

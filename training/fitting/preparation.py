@@ -89,7 +89,7 @@ def build_model(config: FitConfig, in_channels: int, num_classes: int, num_attri
 
     kwargs = fold_moe_kwargs(config.model_kwargs)
     spec = MoESpec.of(kwargs.get("moe_spec"))
-    given = set((config.model_kwargs.get("moe_spec") or {})) | {
+    given = set(config.model_kwargs.get("moe_spec") or {}) | {
         k for k in ("importance_weight", "load_weight", "attribute_dropout")
         if k in config.model_kwargs}
     flags = {"importance_weight": config.moe_importance_weight,
