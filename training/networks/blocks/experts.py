@@ -271,10 +271,10 @@ class _SparseExperts(torch.autograd.Function):
 def _grouped_experts(x, gates, w1, b1, w2, b2, plan, p, position, mask):
     """The same function with bf16 grouped GEMMs and plain autograd (CUDA path)."""
     grouped_mm = _grouped_mm()
-    offs = torch.tensor(plan.counts, device=x.device).cumsum(0).to(torch.int32)
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(len(plan.counts), device=x.device), torch.tensor(plan.counts, device=x.device)
-    )
+    counts = torch.tensor(plan.counts, device=x.device)
+    offs = counts.cumsum(0).to(torch.int32)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(plan.counts), device=x.device),
+                                            counts)
     bf = torch.bfloat16
     xs = x.to(bf).index_select(0, plan.rows_token)
     h = torch.relu(grouped_mm(xs, w1.to(bf), offs=offs) + b1.to(bf)[expert_of_row])
