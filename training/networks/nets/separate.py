@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks.tokens import check_attribute_dropout, check_moe_mode
+from ..blocks.tokens import check_attribute_dropout, check_moe_mode, drop_attributes, zero_aux
 from ..registry import create_model, register_model
 from .output import SegmentationOutput
 
@@ -102,10 +102,8 @@ class SeparateModels(nn.Module):
         if B and (attr.min() < -1 or attr.max() >= self.num_attributes):
             raise ValueError(f"attribute indices must lie in [-1, {self.num_attributes}), got "
                              f"[{int(attr.min())}, {int(attr.max())}]")
-        if self.training and self.attribute_dropout > 0:
-            hide = torch.rand(B, device=x.device) < self.attribute_dropout
-            attr = torch.where(hide, torch.full_like(attr, -1), attr)
-        aux = x.new_zeros((), dtype=torch.float32)
+        attr = drop_attributes(attr, self.attribute_dropout, self.training)
+        aux = zero_aux(x)
         logits: torch.Tensor | None = None
         unknown = attr < 0
         for g, net in enumerate(self.backbones):  # a loop over groups, not over samples
