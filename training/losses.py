@@ -231,7 +231,7 @@ class FEBSLoss(_GroupLoss):
         counts = torch.bincount(idx, minlength=G).to(probs.dtype)
         sums, counts = global_sum(sums), global_sum(counts)
         present = counts > 0
-        losses = torch.stack([dice_from_sums(sums[g]).sum() for g in range(G)])
+        losses = dice_from_sums(sums.transpose(0, 1)).sum(-1)  # (3, G, K) -> (G,)
         return torch.where(present, losses, torch.zeros_like(losses)), present
 
     @torch.no_grad()
