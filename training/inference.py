@@ -382,8 +382,11 @@ class Segmenter:
 
             model_probs = torch.softmax(logits, 0).cpu()
             del logits
-            labels = labels_from_canonical(model_probs, canonical)
-            probs = from_canonical(model_probs, canonical) if return_probabilities else None
+            if return_probabilities:  # resample once; argmax keeps ties on the lower class
+                probs = from_canonical(model_probs, canonical)
+                labels = probs.argmax(0).astype(np.int32)
+            else:  # one class at a time: memory of two source-grid channels, not K
+                probs, labels = None, labels_from_canonical(model_probs, canonical)
         else:
             labels = logits.argmax(0).to(torch.int32).cpu().numpy()
             probs = torch.softmax(logits, 0).cpu().numpy() if return_probabilities else None

@@ -184,3 +184,18 @@ def test_fit_records_which_channel_makes_rgb_gray(tmp_path):
     assert green.to_dict()["gray_from"] == "green"  # what the checkpoint stores
     with pytest.raises(ValueError, match="gray_from"):
         prepare_data(FitConfig(data=str(manifest), attribute="race", gray_from="purple"))
+
+
+def test_probabilities_on_the_source_grid_agree_with_the_labels(ct_case):
+    image, value = ct_case
+    source = nib.load(str(image))
+    seg = Segmenter.from_checkpoint(CT_MODEL, device="cpu")
+    volume = np.asarray(source.dataobj, dtype=np.float32)
+    plain = seg.segment(volume, value, affine=source.affine)
+    with_probs = seg.segment(volume, value, affine=source.affine, return_probabilities=True)
+    probs = with_probs.probabilities
+    assert probs.shape == (2, *volume.shape)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(with_probs.labels, plain.labels)
+    np.testing.assert_array_equal(probs.argmax(0), plain.labels)
+    assert plain.labels.any()
