@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..protocol import DEFAULT_SELECT
+
 
 @dataclass
 class FitConfig:
@@ -25,7 +27,7 @@ class FitConfig:
     adv_weight: float = 0.1
     febs_missing: str = "reference"
     dice: str = "monai"
-    select: str = "dice"
+    select: str = DEFAULT_SELECT
     protocol: str = "ours"
     epochs: int = 50
     batch_size: int = 8
@@ -80,12 +82,13 @@ class FitConfig:
         if self.resume_fallback not in ("refuse", "best", "fresh"):
             raise ValueError("--resume-fallback must be refuse, best or fresh, got "
                              f"{self.resume_fallback!r}")
+        from ..losses import DICE_FORMS, FEBS_MISSING
         from ..protocol import check_select, protocol_changes
 
         check_select(self.select)
-        if self.dice not in ("monai", "reference"):
+        if self.dice not in DICE_FORMS:
             raise ValueError(f"--dice must be monai or reference, got {self.dice!r}")
-        if self.febs_missing not in ("reference", "present"):
+        if self.febs_missing not in FEBS_MISSING:
             raise ValueError(f"--febs-missing must be reference or present, got "
                              f"{self.febs_missing!r}")
         if self.adv_weight < 0:
