@@ -25,7 +25,7 @@ OUTPUT_FORMATS = {"nifti": ".nii.gz", "tiff": ".tif", "png": ".png",
 def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Path,
                       output_format: str | None) -> Path:
     """One label file for one case in ``output_format`` (None: the input's family)."""
-    from .data import label_suffix_for, write_label
+    from .data import write_label
     from .data.io import DICOM_SUFFIX
 
     if output_format is None and meta.get("suffix") == DICOM_SUFFIX:
@@ -33,8 +33,7 @@ def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Pa
     if output_format not in (None, *OUTPUT_FORMATS):
         raise ValueError(f"output format {output_format!r}: use one of "
                          f"{', '.join(OUTPUT_FORMATS)}")
-    suffix = OUTPUT_FORMATS[output_format] if output_format else label_suffix_for(case.image)
-    path = out / f"{case.id}{suffix}"
+    path = out / f"{case.id}{_planned_suffix(case, output_format)}"
     if output_format not in ("dicom-seg", "rtstruct"):
         return write_label(path, labels, meta)
     from importlib.metadata import PackageNotFoundError, version
