@@ -73,12 +73,15 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
             "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
 
 
-def _stratified_indices(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    parts = []
-    for g in np.unique(groups.astype(str)):
-        members = np.flatnonzero(groups.astype(str) == g)
-        parts.append(rng.choice(members, size=members.size, replace=True))
-    return np.concatenate(parts)
+def _group_members(groups: np.ndarray) -> list[np.ndarray]:
+    """Case indices of each group (sorted by group name), computed once per run."""
+    names = groups.astype(str)
+    return [np.flatnonzero(names == g) for g in np.unique(names)]
+
+
+def _stratified_indices(members: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One bootstrap resample within each group (``members`` from :func:`_group_members`)."""
+    return np.concatenate([rng.choice(m, size=m.size, replace=True) for m in members])
 
 
 Statistic = Callable[[np.ndarray, np.ndarray], dict[str, float]]
@@ -114,6 +117,7 @@ def paired_bootstrap(method: Mapping[int, RunScores], baseline: Mapping[int, Run
     for s in seeds:
         base = baseline[s]
         pairs.append((method[s].aligned(base.ids), base))
+    members = [_group_members(b.groups) for _, b in pairs]
 
     def diff(m: RunScores, b: RunScores, idx: np.ndarray | None) -> dict[str, float]:
         if idx is None:
@@ -131,7 +135,7 @@ def paired_bootstrap(method: Mapping[int, RunScores], baseline: Mapping[int, Run
         acc = {k: 0.0 for k in keys}
         for p in picked:
             m, b = pairs[p]
-            d = diff(m, b, _stratified_indices(b.groups, rng))
+            d = diff(m, b, _stratified_indices(members[p], rng))
             for k in keys:
                 acc[k] += d.get(k, 0.0)
         for k in keys:
