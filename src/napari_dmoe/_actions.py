@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +86,30 @@ def output_path(path: str | Path, suffix: str) -> Path:
         path.with_name(path.name + suffix)
 
 
+def layer_sources(layer: Any) -> list[str]:
+    """Files ``layer`` was read from: the plugin reader's ``source`` (copied onto every
+    derived layer) and napari's own ``layer.source.path`` (any reader)."""
+    paths = [((layer.metadata or {}).get(META) or {}).get("source"),
+             getattr(getattr(layer, "source", None), "path", None)]
+    return [str(p) for p in paths if p]
+
+
 def save_labels(layer: Any, path: str | Path, name_filter: str,
-                confirm: Callable[[Path], bool]) -> list[str]:
+                confirm: Callable[[Path], bool], protected: Sequence[str] = ()) -> list[str]:
     """Write ``layer`` with the plugin's writer for ``name_filter``.
 
-    Refuses the layer's own source file; asks ``confirm(path)`` before replacing an existing
+    Refuses the layer's own source file and every path in ``protected`` (the files the
+    open layers were read from); asks ``confirm(path)`` before replacing another existing
     file (returns [] when the user says no).
     """
     from . import _writer
 
     function, suffix = save_formats(layer)[name_filter]
     out = output_path(path, suffix)
-    source = ((layer.metadata or {}).get(META) or {}).get("source")
-    if source and Path(source).resolve() == out.resolve():
-        raise ValueError(f"{out} is the image this layer was made from; choose another file "
-                         "name (outputs never replace inputs).")
+    for source in [*layer_sources(layer), *protected]:
+        if Path(source).resolve() == out.resolve():
+            raise ValueError(f"{out} is an input (a file an open layer was read from); "
+                             "choose another file name (outputs never replace inputs).")
     if out.exists() and not confirm(out):
         return []
     writer = getattr(_writer, function, None)
@@ -143,7 +152,8 @@ def save_dialog(widget: Any) -> None:
         return answer == QMessageBox.StandardButton.Yes
 
     try:
-        written = save_labels(layer, path, chosen or next(iter(filters)), confirm)
+        protected = [p for other in widget.viewer.layers for p in layer_sources(other)]
+        written = save_labels(layer, path, chosen or next(iter(filters)), confirm, protected)
     except (ValueError, OSError) as exc:
         widget._report_error(f"Cannot save '{layer.name}': {exc}")
         return
