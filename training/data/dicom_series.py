@@ -168,6 +168,11 @@ def find_series(path: str | Path) -> list[SeriesInfo]:
     the folder are read (headers only). A single file opens its whole series from its
     folder. Raises ``DicomError`` when there is no DICOM image series.
     """
+    return [info for info, _ in _find_series(path)]
+
+
+def _find_series(path: str | Path) -> list[tuple[SeriesInfo, list[Any]]]:
+    """:func:`find_series` with each series' headers (in ``info.files`` order)."""
     path = Path(path)
     if not path.exists():
         raise DicomError(f"{path}: no such file or folder; check the path.")
@@ -189,10 +194,11 @@ def find_series(path: str | Path) -> list[SeriesInfo]:
     for uid, items in groups.items():
         if only is not None and uid != only:
             continue
-        out.append(SeriesInfo(folder=folder, series_instance_uid=uid,
-                              description=_description(items[0][1]),
-                              modality=str(items[0][1].get("Modality", "")),
-                              files=tuple(p for p, _ in items)))
+        out.append((SeriesInfo(folder=folder, series_instance_uid=uid,
+                               description=_description(items[0][1]),
+                               modality=str(items[0][1].get("Modality", "")),
+                               files=tuple(p for p, _ in items)),
+                    [ds for _, ds in items]))
     return out
 
 
@@ -211,7 +217,8 @@ def read_series(path: str | Path, series_uid: str | None = None, *,
             orientations, duplicate positions, gantry tilt, missing slices, uneven
             spacing, a multi-frame or colour series, or undecodable pixel data.
     """
-    series = find_series(path)
+    found = _find_series(path)
+    series = [info for info, _ in found]
     if series_uid is None and len(series) > 1:
         listed = "; ".join(f"{s.description} ({len(s.files)} files, {s.series_instance_uid})"
                            for s in series)
@@ -223,11 +230,10 @@ def read_series(path: str | Path, series_uid: str | None = None, *,
         if not series:
             raise DicomError(f"{path}: no series with SeriesInstanceUID {series_uid}.")
     info = series[0]
-    pydicom = _pydicom()
     if pixels:
-        datasets = [pydicom.dcmread(p) for p in info.files]
-    else:
-        datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in info.files]
+        datasets = [_pydicom().dcmread(p) for p in info.files]
+    else:  # the headers find_series already read
+        datasets = next(headers for s, headers in found if s is info)
     return _volume(info, datasets, pixels)
 
 
