@@ -150,7 +150,7 @@ class AdversarialLoss(nn.Module):
         self._layout = "tokens"
         self._handle = None
         self._grad_hooks: list = []
-        self.last_attribute_loss: float = float("nan")
+        self._last_attribute_loss: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> AdversarialLoss:
         """Read ``model``'s bottleneck on every forward from now on (replaces a previous one)."""
@@ -177,6 +177,12 @@ class AdversarialLoss(nn.Module):
 
             self._grad_hooks = [p.register_hook(average) for p in self.discriminator.parameters()]
         return self
+
+    @property
+    def last_attribute_loss(self) -> float:
+        """The adversarial term of the last training step (NaN before the first)."""
+        t = self._last_attribute_loss
+        return float("nan") if t is None else float(t)
 
     def pooled(self, feats: torch.Tensor) -> torch.Tensor:
         """Bottleneck output → ``(B, C)`` mean over tokens or voxels."""
@@ -213,5 +219,5 @@ class AdversarialLoss(nn.Module):
                                "loss.attach(model) before training")
         feats, self._features = self.pooled(self._features), None
         adv = self.attribute_loss(feats, groups)
-        self.last_attribute_loss = float(adv.detach())
+        self._last_attribute_loss = adv.detach()  # no device sync on the training step
         return seg + self.weight * adv
