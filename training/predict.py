@@ -36,17 +36,11 @@ def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Pa
     path = out / f"{case.id}{_planned_suffix(case, output_format)}"
     if output_format not in ("dicom-seg", "rtstruct"):
         return write_label(path, labels, meta)
-    from importlib.metadata import PackageNotFoundError, version
+    from .data.dicom import software_version, write_dicom_seg, write_rtstruct
 
-    from .data.dicom import write_dicom_seg, write_rtstruct
-
-    try:
-        software = f"napari-dmoe {version('napari-dmoe')}"
-    except PackageNotFoundError:
-        software = "napari-dmoe"
     writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
     return writer(labels, case.image, seg.class_names, path, algorithm_name=checkpoint.stem,
-                  algorithm_version=software, attribute=seg.attribute_name,
+                  algorithm_version=software_version(), attribute=seg.attribute_name,
                   attribute_value=result.attribute_value)
 
 

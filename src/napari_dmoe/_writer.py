@@ -163,9 +163,13 @@ def write_labels_tiff(path: str, data: Any, attributes: dict[str, Any]) -> list[
 # -- DICOM ------------------------------------------------------------------------------
 def _dicom_write(kind: str, path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """Labels ``(Z, Y, X)`` -> DICOM-SEG or RTSTRUCT over the layer's source DICOM series."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from training.data.dicom import DicomError, read_series, write_dicom_seg, write_rtstruct
+    from training.data.dicom import (
+        DicomError,
+        read_series,
+        software_version,
+        write_dicom_seg,
+        write_rtstruct,
+    )
 
     out = _with_suffix(path, (".dcm",), ".dcm")
     labels = _check_labels(data, out)
@@ -189,14 +193,11 @@ def _dicom_write(kind: str, path: str, data: Any, attributes: dict[str, Any]) ->
         names = ["background"] + [f"class {i}" for i in range(1, high + 1)]
     segmented_as = meta.get("segmented_as") or {}
     attribute, value = next(iter(segmented_as.items()), (None, None))
-    try:
-        software = f"napari-dmoe {version('napari-dmoe')}"
-    except PackageNotFoundError:
-        software = "napari-dmoe"
     model = str(meta.get("model") or attributes.get("name") or "napari-dmoe")
     writer = write_dicom_seg if kind == "seg" else write_rtstruct
     written = writer(array, volume, names, out, algorithm_name=model,
-                     algorithm_version=software, attribute=attribute, attribute_value=value)
+                     algorithm_version=software_version(), attribute=attribute,
+                     attribute_value=value)
     return [str(written)]
 
 

@@ -17,6 +17,7 @@ from training.data.dicom_export import (
     check_output,
     mask_contours,
     resolve_source,
+    software_version,
     write_ct_series,
     write_dicom_seg,
     write_rtstruct,
@@ -32,6 +33,6 @@ from training.data.errors import DicomError
 
 __all__ = [
     "DicomError", "DicomVolume", "SeriesInfo", "check_output", "find_series", "is_dicom_path",
-    "mask_contours", "read_series", "resolve_source", "write_ct_series", "write_dicom_seg",
-    "write_rtstruct",
+    "mask_contours", "read_series", "resolve_source", "software_version", "write_ct_series",
+    "write_dicom_seg", "write_rtstruct",
 ]

@@ -30,6 +30,16 @@ _COLOURS = ((255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 0), (200, 9
             (0, 220, 220), (255, 128, 0), (160, 160, 160))
 
 
+def software_version() -> str:
+    """``"napari-dmoe <version>"`` (the installed package's), or ``"napari-dmoe"``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"napari-dmoe {version('napari-dmoe')}"
+    except PackageNotFoundError:
+        return "napari-dmoe"
+
+
 def resolve_source(source: DicomVolume | str | Path, what: str) -> DicomVolume:
     """The DICOM series a mask refers to; refuse anything that is not one."""
     if isinstance(source, DicomVolume):
