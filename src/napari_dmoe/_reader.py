@@ -268,7 +268,7 @@ def read_dicom(path: str | Path | list[str | Path]) -> list[LayerData]:
     layers, problems = [], []
     for info in series:
         try:
-            volume = read_series(info.folder, info.series_instance_uid)
+            volume = read_series(info)  # the files find_series found: no second scan
         except DicomError as exc:
             problems.append(exc)
             continue

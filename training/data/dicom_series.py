@@ -202,12 +202,13 @@ def _find_series(path: str | Path) -> list[tuple[SeriesInfo, list[Any]]]:
     return out
 
 
-def read_series(path: str | Path, series_uid: str | None = None, *,
+def read_series(path: str | Path | SeriesInfo, series_uid: str | None = None, *,
                 pixels: bool = True) -> DicomVolume:
     """Read one series as a ``DicomVolume`` (array ``(X, Y, Z)``, RAS affine).
 
     Args:
-        path: a folder holding the series, or one file of it (opens the whole series).
+        path: a folder holding the series, or one file of it (opens the whole series), or
+            a ``SeriesInfo`` from ``find_series`` (its files, without scanning the folder).
         series_uid: which series when the folder holds several; required then.
         pixels: False reads headers and geometry only (``array`` is None), e.g. to write
             a DICOM-SEG or RTSTRUCT that references the series.
@@ -217,6 +218,10 @@ def read_series(path: str | Path, series_uid: str | None = None, *,
             orientations, duplicate positions, gantry tilt, missing slices, uneven
             spacing, a multi-frame or colour series, or undecodable pixel data.
     """
+    if isinstance(path, SeriesInfo):
+        pydicom = _pydicom()
+        return _volume(path, [pydicom.dcmread(p, stop_before_pixels=not pixels)
+                              for p in path.files], pixels)
     found = _find_series(path)
     series = [info for info, _ in found]
     if series_uid is None and len(series) > 1:
