@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import temp_files
+from .train_state import BEST_NAME, HISTORY_NAME, LAST_NAME, STATE_NAME
 
 LOCK_NAME = ".napari-dmoe.lock"
-RUN_FILES = ("best.safetensors", "last.safetensors", "last.state.safetensors", "history.csv",
-             "config.yaml")
+RUN_FILES = (BEST_NAME, LAST_NAME, STATE_NAME, HISTORY_NAME, "config.yaml")
 _HELD: set[str] = set()  # tokens of the locks this process holds
 
 

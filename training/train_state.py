@@ -548,7 +548,7 @@ def _state_from_best(out: Path) -> TrainState:
     prov = meta.get("provenance") or {}
     epoch = int(prov.get("epochs") or 0)
     metric = ((prov.get("validation") or {}).get("mean") or {}).get("es_dice", -math.inf)
-    history = [r for r in _read_history(out / "history.csv") if int(r["epoch"]) <= epoch]
+    history = [r for r in _read_history(out / HISTORY_NAME) if int(r["epoch"]) <= epoch]
     return TrainState(epoch=epoch, best_metric=float(metric), best_epoch=epoch, since_best=0,
                       history=history, model=tensors, config=prov.get("config") or {})
 

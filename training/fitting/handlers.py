@@ -21,9 +21,10 @@ class CheckpointSaver:
 
     def best(self, epoch: int, summary: dict[str, Any]) -> None:
         from ..checkpoint import save_checkpoint
+        from ..train_state import BEST_NAME
 
         if self.info.is_main:
-            save_checkpoint(self.model, self.out / "best.safetensors", **self.metadata,
+            save_checkpoint(self.model, self.out / BEST_NAME, **self.metadata,
                             provenance={**self.provenance, "epochs": epoch,
                                         "validation": summary})
 

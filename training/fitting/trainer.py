@@ -133,7 +133,7 @@ def _run(config: FitConfig, info) -> FitResult:
         selection_score,
         worst_group_dice,
     )
-    from ..train_state import LAST_NAME, TrainState, restore_rng
+    from ..train_state import BEST_NAME, LAST_NAME, TrainState, restore_rng
 
     device = info.device
     out = Path(config.out)
@@ -270,5 +270,5 @@ def _run(config: FitConfig, info) -> FitResult:
     log(f"best validation {config.select} {run.best_metric:.4f} at epoch {run.best_epoch}; "
         f"outputs in "
         f"{out}")
-    return FitResult(out, out / "best.safetensors", out / LAST_NAME, run.best_metric,
+    return FitResult(out, out / BEST_NAME, out / LAST_NAME, run.best_metric,
                      run.best_epoch, epoch, run.history)
