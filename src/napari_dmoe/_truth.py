@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _tasks
+from . import _tasks, _view
 from ._reader import META
 
-OUTPUT_ROLES = ("segmentation", "routing", "compare", "switch", "probability")
+OUTPUT_ROLES = ("segmentation", *_view.DERIVED_ROLES)  # one list of the plugin's outputs
 
 
 def spatial_shape(layer: Any) -> tuple[int, ...]:
