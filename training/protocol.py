@@ -134,13 +134,14 @@ def build_separate_model(config: Any, in_channels: int, num_classes: int, num_at
     """``--arch separate``: one backbone per attribute value (``training.networks`` name
     ``"separate"``); ``--model-kwargs`` may name the ``backbone`` (default transunet) and
     its arguments."""
+    from .fitting.preparation import DEFAULT_IMAGE_SIZE
     from .networks import create_model
 
     kwargs = dict(config.model_kwargs)
     backbone = kwargs.pop("backbone", "transunet")
     dropout = kwargs.pop("attribute_dropout", 0.0)
     if backbone == "transunet" and config.spatial_dims == 2:
-        kwargs.setdefault("img_size", config.image_size or 224)
+        kwargs.setdefault("img_size", config.image_size or DEFAULT_IMAGE_SIZE["transunet"])
     return create_model("separate", preset=config.preset, spatial_dims=config.spatial_dims,
                         in_channels=in_channels, out_channels=num_classes, moe=config.moe,
                         num_attributes=max(num_attributes, 1), backbone=backbone,
