@@ -93,8 +93,11 @@ def _progress(cases: list[Case], enabled: bool):
     return tqdm(cases, desc="checking images", unit="case", leave=False, disable=None)
 
 
-def _check_pixels(case: Case, spatial_dims: int | None, problems: dict[str, list[str]]) -> None:
-    """Decode the image: NaN/inf values and sides under ``MIN_IMAGE_SIDE``."""
+def _check_pixels(case: Case, spatial_dims: int | None, problems: dict[str, list[str]]
+                  ) -> dict[str, Any]:
+    """Decode the image: NaN/inf values and sides under ``MIN_IMAGE_SIDE``. Returns
+    ``read_image``'s meta (``spatial_shape``, ``channels``, ``affine``: what
+    ``image_info`` would give, without reading the header again)."""
     image, meta = read_image(case.image, case.image_key, spatial_dims=spatial_dims)
     shape = tuple(image.shape[1:])
     if shape and min(shape) < MIN_IMAGE_SIDE:
@@ -104,6 +107,7 @@ def _check_pixels(case: Case, spatial_dims: int | None, problems: dict[str, list
     if bad:
         problems["nonfinite"].append(f"case {case.id}: image {case.image.name} has {bad} "
                                      "NaN/inf value(s)")
+    return meta
 
 
 def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int | None = None,
@@ -156,9 +160,8 @@ def validate_cases(cases: list[Case], attribute: str | None, *, num_classes: int
     masks_255: list[str] = []
     for case in _progress(cases, check_pixels):
         try:
-            info = image_info(case.image, case.image_key, spatial_dims=spatial_dims)
-            if check_pixels:
-                _check_pixels(case, spatial_dims, problems)
+            info = (_check_pixels(case, spatial_dims, problems) if check_pixels
+                    else image_info(case.image, case.image_key, spatial_dims=spatial_dims))
         except DataError as err:
             problems["unreadable"].append(f"case {case.id}: {err}")
             continue
