@@ -143,6 +143,22 @@ def _acquire(out: Path) -> tuple[str, list[str]]:
         tmp.unlink(missing_ok=True)
 
 
+def refuse_data_inside(out: str | os.PathLike, data: str | os.PathLike) -> None:
+    """Refuse an ``--out`` that is, or contains, the training data: ``--overwrite`` deletes
+    run files by name there (``config.yaml``, …) and a run's outputs would mix with the data.
+
+    Raises:
+        RunFolderError: naming both paths and what to do.
+    """
+    out_path = Path(out).resolve()
+    data_path = Path(data).resolve()
+    data_folder = data_path if data_path.is_dir() else data_path.parent
+    if data_folder == out_path or out_path in data_folder.parents:
+        raise RunFolderError(f"--out {out} holds the training data {data}; a run's files "
+                             "would mix with (and --overwrite could delete) the data's own "
+                             "files. Choose an --out outside the data folder (e.g. runs/NAME).")
+
+
 def open_run_folder(out: str | os.PathLike, *, resume: bool = False,
                     overwrite: bool = False) -> RunFolder:
     """Check, lock and tidy ``out`` before a fit writes to it (module docstring).

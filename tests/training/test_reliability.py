@@ -462,3 +462,32 @@ def test_damaged_npz_in_a_fairseg_folder_names_the_file(tmp_path, damage):
     (tmp_path / "train.txt").write_text(f"{good.name}\n{bad.name}\n")
     with pytest.raises(DataError, match="data_00002.npz.*Re-download"):
         read_fairseg(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["data folder", "parent of the data"])
+def test_fit_refuses_an_out_that_holds_the_training_data(tmp_path, where):
+    from training.run_folder import RunFolderError, refuse_data_inside
+
+    data = tmp_path / "project" / "data"
+    data.mkdir(parents=True)
+    (data / "manifest.csv").write_text("image,label\n")
+    (data / "config.yaml").write_text("mine: 1\n")
+    out = data if where == "data folder" else tmp_path / "project"
+    with pytest.raises(RunFolderError, match="holds the training data") as err:
+        refuse_data_inside(out, data / "manifest.csv")
+    assert "outside the data folder" in str(err.value)
+    refuse_data_inside(tmp_path / "runs" / "a", data / "manifest.csv")  # elsewhere: fine
+    assert (data / "config.yaml").read_text() == "mine: 1\n"
+
+
+def test_fit_cli_refuses_out_equal_to_the_data_folder(tmp_path, capsys):
+    from training import fit as fit_cli
+    from training.data import make_synthetic_dataset
+
+    manifest = make_synthetic_dataset("fundus", tmp_path / "data", n=12, seed=0)
+    before = sorted(p.name for p in manifest.parent.iterdir())
+    with pytest.raises(SystemExit) as err:
+        fit_cli.main(["--data", str(manifest), "--attribute", "race", "--out",
+                      str(manifest.parent), "--epochs", "1"])
+    assert err.value.code == 2 and "holds the training data" in capsys.readouterr().err
+    assert sorted(p.name for p in manifest.parent.iterdir()) == before

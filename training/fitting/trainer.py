@@ -31,8 +31,9 @@ def fit(config: FitConfig) -> FitResult:
     from ..distributed import barrier, setup_distributed, teardown_distributed
     from ..engine import TrainingLog
     from ..inference import resolve_device
-    from ..run_folder import open_shared_run_folder
+    from ..run_folder import open_shared_run_folder, refuse_data_inside
 
+    refuse_data_inside(config.out, config.data)
     seed_everything(config.seed)
     info = setup_distributed(resolve_device(config.device))
     try:
