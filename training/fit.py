@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="manifest.csv or a dataset folder (FairSeg, HAM10000)")
     g.add_argument("--format", choices=["manifest", "fairseg", "ham10000"], help="default: detect")
     g.add_argument("--attribute", help="patient attribute column that routes (e.g. race)")
+    g.add_argument("--attribute-routing", default="combination", choices=["combination", "sum"],
+                   help="several attributes (--attribute race,gender): one dMoE router per "
+                        "observed combination, or per-attribute routers summed (a combination "
+                        "unseen in training is routed by its parts); stored in the checkpoint")
     g.add_argument("--classes", type=lambda s: s.split(","), help="e.g. background,rim,cup")
     g.add_argument("--image-size", type=int, help="2D model input side (default 224)")
     g.add_argument("--center-crop", type=int, help="2D centre crop in pixels before resizing")

@@ -9,6 +9,7 @@ lives in ``training.data.validation`` (``validate_cases``).
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -181,7 +182,9 @@ def combine_attributes(cases: list[Case], attribute: str | None) -> list[Case]:
     attribute ``"race,gender"`` = ``"Black|female"`` (its values joined by ``|``), so that
     one router serves each observed combination. A case missing any part gets ``""``
     (unknown); combinations unseen in training fall to the unknown router like any unseen
-    value. Cases are returned unchanged for a single attribute name.
+    value (with ``build_vocabulary(..., routing="sum")`` an unseen combination of seen
+    values gets its own index instead). Cases are returned unchanged for a single attribute
+    name.
 
     Raises:
         DataError: a part names no column (the available ones are listed).
@@ -213,11 +216,30 @@ def split_combination(attribute: str, value: str) -> dict[str, str]:
     return dict(zip(parts, values, strict=True))
 
 
-def build_vocabulary(cases: list[Case], attribute: str) -> list[str]:
-    """Sorted non-empty values of ``attribute`` in the training split.
+ROUTINGS = ("combination", "sum")
+"""Intersectional routing (``--attribute-routing``): ``combination`` = one router per
+combination observed in training; ``sum`` = one router per value of each part, summed."""
 
-    This order is the router order stored in checkpoints (shared/DATA_FORMATS.md §1).
+
+def build_vocabulary(cases: list[Case], attribute: str, routing: str = "combination"
+                     ) -> list[str]:
+    """The router order stored in checkpoints (shared/DATA_FORMATS.md §1).
+
+    ``routing="combination"`` (and any single attribute): the sorted non-empty values of
+    ``attribute`` in the training split. ``routing="sum"`` with ``attribute="race,gender"``:
+    every combination of the parts' training values, in **mixed-radix order** — each part's
+    values sorted, the first part most significant (``Asian|female, Asian|male,
+    Black|female, …``); a combination absent from training still gets its index (routed by
+    the sum of its parts' routers). This is ``itertools.product`` order, which is not
+    always the sorted order of the joined strings. Part values are taken from training
+    cases whose combination is fully known.
+
+    Raises:
+        DataError: no training case, no such column, or no known value.
+        ValueError: ``routing`` not in :data:`ROUTINGS`.
     """
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     train = [c for c in cases if c.split == "train"]
     if not train:
         raise DataError("no training cases: give some cases split 'train' (manifest column "
@@ -230,7 +252,33 @@ def build_vocabulary(cases: list[Case], attribute: str) -> list[str]:
     if not values:
         raise DataError(f"attribute {attribute!r} is empty for every training case; fill "
                         "in values or pick another attribute.")
-    return values
+    if routing == "combination" or "," not in attribute:
+        return values
+    parts = [p.strip() for p in attribute.split(",")]
+    known = [split_combination(attribute, v) for v in values]
+    per_part = [sorted({k[p] for k in known if k}) for p in parts]
+    return [COMBINATION_SEPARATOR.join(combo) for combo in itertools.product(*per_part)]
+
+
+def vocabulary_parts(vocabulary: list[str]) -> tuple[int, ...]:
+    """Part sizes of a summed-routing vocabulary (:func:`build_vocabulary` with
+    ``routing="sum"``): ``["A|f", "A|m", "B|f", "B|m", "W|f", "W|m"]`` → ``(3, 2)``.
+
+    Raises:
+        ValueError: the vocabulary is not the full product of its parts' values in
+            mixed-radix order (e.g. a ``combination`` vocabulary with a combination missing).
+    """
+    split = [str(v).split(COMBINATION_SEPARATOR) for v in vocabulary]
+    if not split or len({len(s) for s in split}) != 1:
+        raise ValueError(f"not a summed-routing vocabulary (values with different numbers of "
+                         f"'{COMBINATION_SEPARATOR}'-separated parts): {vocabulary!r}")
+    per_part = [list(dict.fromkeys(s[p] for s in split)) for p in range(len(split[0]))]
+    product = [list(c) for c in itertools.product(*per_part)]
+    if product != split:
+        raise ValueError(f"not a summed-routing vocabulary (not every combination of the "
+                         f"parts' values, in mixed-radix order): {vocabulary!r}; rebuild it "
+                         "with build_vocabulary(..., routing='sum')")
+    return tuple(len(v) for v in per_part)
 
 
 def encode_attribute(value: str | None, vocabulary: list[str]) -> int:

@@ -18,6 +18,7 @@ class FitConfig:
     out: str = "runs/fit"
     format: str | None = None
     attribute: str | None = None
+    attribute_routing: str = "combination"
     classes: list[str] | None = None
     arch: str = "transunet"
     spatial_dims: int = 2
@@ -111,9 +112,25 @@ class FitConfig:
         if (self.arch == "separate" or self.loss == "adv") and not self.attribute:
             raise ValueError(f"--{'arch separate' if self.arch == 'separate' else 'loss adv'} "
                              "needs the patient attribute: give --attribute NAME")
+        from ..data.cases import ROUTINGS
+
+        if self.attribute_routing not in ROUTINGS:
+            raise ValueError(f"--attribute-routing must be one of {', '.join(ROUTINGS)}, got "
+                             f"{self.attribute_routing!r}")
         if self.moe == "dmoe" and not self.attribute:
             raise ValueError("--moe dmoe routes on a patient attribute: give --attribute NAME "
                              "(or train --moe moe / none)")
+
+
+    @property
+    def summed_routing(self) -> bool:
+        """``--attribute-routing sum`` takes effect: several attributes (``race,gender``), a
+        dMoE, a non-separate network and the plain loss. Otherwise (one attribute, or group
+        losses/separate models, which weight or train the observed combinations) the
+        routing is per observed combination."""
+        return (self.attribute_routing == "sum" and self.moe == "dmoe"
+                and self.arch != "separate" and self.loss == "dicece"
+                and "," in (self.attribute or ""))
 
 
 @dataclass

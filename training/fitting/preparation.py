@@ -61,7 +61,8 @@ def prepare_data(config: FitConfig):
     if num_classes is None:
         num_classes = int(info.get("max_label") or 1) + 1
     class_names = class_names_for(config, num_classes)
-    vocabulary = build_vocabulary(cases, config.attribute) if config.attribute else []
+    routing = "sum" if config.summed_routing else "combination"
+    vocabulary = build_vocabulary(cases, config.attribute, routing) if config.attribute else []
     in_channels = int(info.get("in_channels") or 1)
     if config.spatial_dims == 2:
         size = config.image_size or DEFAULT_IMAGE_SIZE.get(config.arch, 224)
@@ -82,8 +83,13 @@ def prepare_data(config: FitConfig):
     return fmt, cases, class_names, vocabulary, pre
 
 
-def build_model(config: FitConfig, in_channels: int, num_classes: int, num_attributes: int):
-    """The network named by ``config.arch``/``preset``/``moe`` (``training.networks``)."""
+def build_model(config: FitConfig, in_channels: int, num_classes: int, num_attributes: int,
+                attribute_parts: tuple[int, ...] | None = None):
+    """The network named by ``config.arch``/``preset``/``moe`` (``training.networks``).
+
+    ``attribute_parts``: part sizes for summed intersectional routing (``MoESpec``'s
+    ``attribute_parts``; their product must be ``num_attributes``); None = one router per
+    value."""
     from ..networks import MoESpec, create_model
     from ..networks.blocks import fold_moe_kwargs
 
@@ -95,6 +101,9 @@ def build_model(config: FitConfig, in_channels: int, num_classes: int, num_attri
     flags = {"importance_weight": config.moe_importance_weight,
              "load_weight": config.moe_load_weight,
              "attribute_dropout": config.attribute_dropout if config.moe == "dmoe" else 0.0}
+    if config.moe == "dmoe" and attribute_parts is not None and len(attribute_parts) > 1:
+        flags["attribute_parts"] = tuple(attribute_parts)
+        given.discard("attribute_parts")
     kwargs["moe_spec"] = spec.replace(**{k: v for k, v in flags.items() if k not in given})
     if config.arch == "transunet" and config.spatial_dims == 2:
         kwargs.setdefault("img_size", config.image_size or DEFAULT_IMAGE_SIZE["transunet"])

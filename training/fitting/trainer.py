@@ -152,7 +152,17 @@ def _run(config: FitConfig, info) -> FitResult:
         log(f"processes: {info.world_size} ({info.backend or 'single'}); precision {precision}")
 
     build = build_separate_model if config.arch == "separate" else build_model
-    model = build(config, pre.in_channels, len(class_names), len(vocabulary)).to(device)
+    parts = {}
+    if config.summed_routing:  # intersectional, routers of the parts summed
+        from ..data.cases import vocabulary_parts
+
+        parts = {"attribute_parts": vocabulary_parts(vocabulary)}
+        log(f"routing: sum of per-attribute routers, parts {list(parts['attribute_parts'])}")
+    elif config.attribute_routing == "sum" and "," in (attribute or ""):
+        log("routing: --attribute-routing sum applies to --moe dmoe with the plain loss; "
+            "routing per observed combination instead")
+    model = build(config, pre.in_channels, len(class_names), len(vocabulary), **parts
+                  ).to(device)
     train_groups = [vocabulary.index(c.attributes.get(attribute, ""))
                     if c.attributes.get(attribute, "") in vocabulary else -1
                     for c in cases if c.split == "train"] if attribute else None
@@ -172,7 +182,8 @@ def _run(config: FitConfig, info) -> FitResult:
     metadata = {
         "class_names": class_names,
         "attribute": {"name": attribute, "vocabulary": vocabulary,
-                      "unknown_router": config.moe == "dmoe"},
+                      "unknown_router": config.moe == "dmoe",
+                      "routing": "sum" if config.summed_routing else "combination"},
         "preprocessing": pre.to_dict(),
         "description": config.description or f"{config.arch}/{config.preset} {config.moe} "
                                               f"trained on {Path(config.data).name}",

@@ -42,7 +42,9 @@ class DMoE(nn.Module):
         embed_dim: token width C.
         num_experts: shared experts (8 in the paper).
         top_k: experts per token (2 in the paper).
-        num_attributes: attribute values, one router each. ``1`` = attribute-blind MoE.
+        num_attributes: attribute values, one router each. ``1`` = attribute-blind MoE. A
+            tuple of part sizes (e.g. ``(3, 2)``) = summed intersectional routing, see
+            :class:`AttributeRouterBank`.
         mlp_ratio: expert hidden width over C (4).
         dropout: expert dropout (0.1).
         unknown_router: extra router for patients whose attribute is unknown (index -1),
@@ -62,7 +64,7 @@ class DMoE(nn.Module):
         embed_dim: int,
         num_experts: int = 8,
         top_k: int = 2,
-        num_attributes: int = 1,
+        num_attributes: int | tuple[int, ...] = 1,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         unknown_router: bool = True,

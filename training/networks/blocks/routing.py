@@ -4,11 +4,20 @@ A *router bank* holds one noisy top-k gating network per attribute value, plus o
 one for patients whose attribute is unknown. Each sample picks its router by attribute
 index (mode-switching control); the per-sample weights are gathered into one tensor and
 applied with a single batched matrix product, so there is no Python loop over the batch.
+
+*Summed routing* (intersectional, ``num_attributes=(3, 2)`` for race × gender): the bank
+holds one router per value of each attribute part (3 + 2, plus one unknown router per part)
+and a sample's router is the **sum** of its parts' routers. Logits are linear in the router
+weights, so summing weights equals summing the parts' logits ``H^race(x) + H^gender(x)`` (the
+same for the noise weights and biases). A combination index is the mixed-radix number of
+its part indices, first part most significant (``race * 2 + gender``); ``-1`` (unknown)
+uses every part's unknown router.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -48,6 +57,23 @@ def _cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.float().var() / (x.float().mean() ** 2 + 1e-10)
 
 
+def attribute_parts(num_attributes: int | Sequence[int]) -> tuple[int, ...]:
+    """``num_attributes`` as a tuple of part sizes: ``3`` → ``(3,)``, ``[3, 2]`` → ``(3, 2)``
+    (checkpoints store tuples as JSON lists).
+
+    Raises:
+        ValueError: a size below 1 or an empty sequence.
+    """
+    if isinstance(num_attributes, Sequence) and not isinstance(num_attributes, str):
+        parts = tuple(int(n) for n in num_attributes)
+    else:
+        parts = (int(num_attributes),)
+    if not parts or min(parts) < 1:
+        raise ValueError(f"num_attributes must be >= 1 (or a non-empty sequence of part sizes "
+                         f">= 1), got {num_attributes!r}")
+    return parts
+
+
 class AttributeRouterBank(nn.Module):
     """Noisy top-k gating, one router per attribute value.
 
@@ -61,11 +87,15 @@ class AttributeRouterBank(nn.Module):
         num_experts: number of experts E the routers choose from.
         top_k: experts kept per token.
         num_attributes: attribute values with their own router. ``1`` makes the bank
-            attribute-blind (the plain MoE baseline): every sample uses router 0.
-        unknown_router: add one extra router used for ``UNKNOWN_ATTRIBUTE`` (-1). It is trained
-            by attribute dropout (the network replaces a sample's attribute by -1 with some
-            probability while training). Without it, unknown samples use the mean of the
-            attribute routers' logits.
+            attribute-blind (the plain MoE baseline): every sample uses router 0. A sequence
+            of part sizes (e.g. ``(3, 2)``) makes *summed* routing: ``prod(parts)``
+            combination indices, one router per part value, the parts' routers summed (see
+            the module docstring); a one-element sequence is the same as its int.
+        unknown_router: add one extra router used for ``UNKNOWN_ATTRIBUTE`` (-1) (summed
+            routing: one per part). It is trained by attribute dropout (the network replaces
+            a sample's attribute by -1 with some probability while training). Without it,
+            unknown samples use the mean of the attribute routers' logits (summed: the sum
+            over parts of each part's mean).
         importance_weight, load_weight: weights of Shazeer's importance and load losses
             (0 by default, as in the paper).
     """
@@ -75,7 +105,7 @@ class AttributeRouterBank(nn.Module):
         embed_dim: int,
         num_experts: int = 8,
         top_k: int = 2,
-        num_attributes: int = 1,
+        num_attributes: int | Sequence[int] = 1,
         unknown_router: bool = True,
         importance_weight: float = 0.0,
         load_weight: float = 0.0,
@@ -88,8 +118,8 @@ class AttributeRouterBank(nn.Module):
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if num_attributes < 1:
-            raise ValueError(f"num_attributes must be >= 1, got {num_attributes}")
+        parts = attribute_parts(num_attributes)
+        num_attributes = math.prod(parts)
         if importance_weight < 0 or load_weight < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got importance={importance_weight}, load={load_weight}"
@@ -98,10 +128,15 @@ class AttributeRouterBank(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.num_attributes = num_attributes
+        self.parts = parts
         self.unknown_router = bool(unknown_router) and num_attributes > 1
         self.importance_weight = float(importance_weight)
         self.load_weight = float(load_weight)
-        num_routers = num_attributes + int(self.unknown_router)
+        num_routers = sum(parts) + len(parts) * int(self.unknown_router)
+        if len(parts) > 1:
+            # (num_attributes + 1, P): per combination (last row: unknown) the router of each
+            # part; see _summed_table. Derived from the sizes, so not saved in checkpoints.
+            self.register_buffer("part_routers", self._summed_table(), persistent=False)
         # Zero init as in Shazeer et al.: routing starts uniform and noise breaks the ties.
         self.w_gate = nn.Parameter(torch.zeros(num_routers, embed_dim, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(num_routers, embed_dim, num_experts))
@@ -118,6 +153,34 @@ class AttributeRouterBank(nn.Module):
     @property
     def num_routers(self) -> int:
         return self.w_gate.shape[0]
+
+    @property
+    def summed(self) -> bool:
+        """True for summed (intersectional) routing over several attribute parts."""
+        return len(self.parts) > 1
+
+    def _summed_table(self) -> torch.Tensor:
+        """``(num_attributes + 1, P)`` long: the router of each part for every combination
+        index (mixed radix, first part most significant), last row for unknown (-1).
+
+        Router layout: part 0's values, then its unknown router (if any), then part 1's, …
+        Without unknown routers, index ``num_routers + p`` stands for part ``p``'s mean.
+        """
+        P = len(self.parts)
+        unknown = int(self.unknown_router)
+        offsets = [0]
+        for n in self.parts[:-1]:
+            offsets.append(offsets[-1] + n + unknown)
+        table = torch.empty(self.num_attributes + 1, P, dtype=torch.long)
+        for combo in range(self.num_attributes):
+            rest = combo
+            for p in reversed(range(P)):
+                table[combo, p] = offsets[p] + rest % self.parts[p]
+                rest //= self.parts[p]
+        for p in range(P):
+            table[-1, p] = (offsets[p] + self.parts[p] if unknown
+                            else offsets[-1] + self.parts[-1] + p)
+        return table
 
     def router_index(self, attr: torch.Tensor) -> torch.Tensor:
         """Map attribute indices ``(B,)`` (``-1`` = unknown) to router indices ``(B,)``.
@@ -137,10 +200,54 @@ class AttributeRouterBank(nn.Module):
         return attr
 
     def _weights(self, weight: torch.Tensor, routers: torch.Tensor) -> torch.Tensor:
-        """Per-sample router weights ``(B, C, E)``; unknown without a router → mean."""
+        """Per-sample router weights ``(B, C, E)``; unknown without a router → mean.
+
+        Summed routing: ``routers`` are combination indices (-1 = unknown) and the result is
+        the sum of the parts' router weights.
+        """
+        if self.summed:
+            return self._summed_weights(weight, routers)
         mean = weight[: self.num_attributes].mean(0, keepdim=True)
         table = torch.cat([weight, mean], 0)  # index num_routers = the mean router
         return table[torch.where(routers < 0, self.num_routers, routers)]
+
+    def _with_means(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with each part's mean router appended when there are no unknown
+        routers (the rows ``_summed_table`` points unknown samples to)."""
+        if self.unknown_router:
+            return weight
+        start, means = 0, []
+        for n in self.parts:
+            means.append(weight[start:start + n].mean(0, keepdim=True))
+            start += n
+        return torch.cat([weight, *means], 0)
+
+    def _summed_weights(self, weight: torch.Tensor, combos: torch.Tensor) -> torch.Tensor:
+        rows = self.part_routers[torch.where(combos < 0, self.num_attributes, combos)]  # (B, P)
+        return self._with_means(weight)[rows].sum(1)
+
+    def part_logits(self, x: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
+        """Clean logits ``(P, B, N, E)`` of each part's router for tokens ``x (B, N, C)``
+        (``P = 1`` without summed routing). Their sum over the first axis is the routing
+        logit at inference; for inspection and tests."""
+        routers = self.router_index(attr.to(device=x.device, dtype=torch.long))
+        if not self.summed:
+            picked = [(self._weights(self.w_gate, routers),
+                       self._weights(self.b_gate, routers) if self.router_bias else None)]
+        else:
+            rows = self.part_routers[torch.where(routers < 0, self.num_attributes, routers)]
+            w, b = self._with_means(self.w_gate), None
+            if self.router_bias:
+                b = self._with_means(self.b_gate)
+            picked = [(w[rows[:, p]], b[rows[:, p]] if b is not None else None)
+                      for p in range(len(self.parts))]
+        outs = []
+        for w_p, b_p in picked:
+            out = torch.bmm(x, w_p.to(x.dtype))
+            if b_p is not None:
+                out = out + b_p.to(x.dtype)[:, None]
+            outs.append(out)
+        return torch.stack(outs)
 
     def forward(self, x: torch.Tensor, attr: torch.Tensor) -> RouterOutput:
         """Route tokens.

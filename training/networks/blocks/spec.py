@@ -44,6 +44,11 @@ class MoESpec:
             default: no bias, zero init (Shazeer et al.).
         dropout_position: expert dropout ``"hidden"`` (after the ReLU, default) or
             ``"output"`` (after the second linear layer, the official code).
+        attribute_parts: intersectional *summed* routing (``--attribute-routing sum``): the
+            number of values of each attribute part, e.g. ``(3, 2)`` for race × gender; the
+            network's ``num_attributes`` must be their product (combination indices in
+            mixed radix, first part most significant). ``None``: one router per attribute
+            value (see ``AttributeRouterBank``).
     """
 
     num_experts: int = 8
@@ -56,8 +61,15 @@ class MoESpec:
     attribute_dropout: float = 0.1
     router_bias: bool = False
     dropout_position: str = "hidden"
+    attribute_parts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.attribute_parts is not None:  # a JSON list from a checkpoint → tuple
+            parts = tuple(int(n) for n in self.attribute_parts)
+            if not parts or min(parts) < 1:
+                raise ValueError(f"attribute_parts must be sizes >= 1, got "
+                                 f"{self.attribute_parts!r}")
+            object.__setattr__(self, "attribute_parts", parts)
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:

@@ -98,7 +98,7 @@ def build_moe(moe: str, embed_dim: int, spec: MoESpec, num_attributes: int = 1) 
         embed_dim,
         num_experts=spec.num_experts,
         top_k=spec.top_k,
-        num_attributes=num_attributes if moe == "dmoe" else 1,
+        num_attributes=dmoe_routers(spec, num_attributes) if moe == "dmoe" else 1,
         mlp_ratio=spec.mlp_ratio,
         dropout=spec.dropout,
         unknown_router=spec.unknown_router,
@@ -107,6 +107,19 @@ def build_moe(moe: str, embed_dim: int, spec: MoESpec, num_attributes: int = 1) 
         router_bias=spec.router_bias,
         dropout_position=spec.dropout_position,
     )
+
+
+def dmoe_routers(spec: MoESpec, num_attributes: int) -> int | tuple[int, ...]:
+    """``num_attributes``, or the spec's ``attribute_parts`` (summed routing) after checking
+    that their product is ``num_attributes`` (ValueError naming both otherwise)."""
+    parts = spec.attribute_parts
+    if parts is None:
+        return num_attributes
+    if math.prod(parts) != num_attributes:
+        raise ValueError(f"moe_spec attribute_parts {list(parts)} give {math.prod(parts)} "
+                         f"combinations but num_attributes is {num_attributes}; they must "
+                         "match (one index per combination of the parts' values)")
+    return parts
 
 
 def drop_attributes(
