@@ -18,7 +18,14 @@ interrupted training continues from its last epoch). Outputs:
 - ``DIR/summary.json``: ``{"methods": {M: {"es_dice": {"mean", "std"}, "dice", "es_iou",
   "iou", "groups": {G: {"mean", "std", "n"}}, "gflops", "params"}}, "vs": {M:
   {"baseline", "es_dice_diff": {"mean", "ci95"}, "groups": {G: {"mean", "ci95"}}}}}``;
-- ``DIR/summary.md``: the paper's table (×100, mean ± std over seeds) and the CIs;
+- intersectional runs (``--attribute race,gender``; groups are combinations such as
+  ``"Black|female"``) also get per-single-attribute aggregates, each test case regrouped by
+  one part's value: ``methods[M]["attributes"][part] = {"es_dice": {"mean", "std"},
+  "groups": {value: {"mean", "std", "n"}}}`` and ``vs[M]["attributes"][part] =
+  {"es_dice_diff": {"mean", "ci95"}, "groups": {value: {"mean", "ci95"}}}`` (the bootstrap
+  then resamples cases within each value of that part);
+- ``DIR/summary.md``: the paper's table (×100, mean ± std over seeds) and the CIs, and for
+  intersectional runs the same per single attribute;
 - ``DIR/violin.png``: per-group Dice distributions per method (cases pooled over seeds).
 """
 
@@ -35,7 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import METHOD_TITLES, METHODS
-from .stats import RunScores, known_groups, mean_std, paired_bootstrap, summary_of
+from .stats import (
+    RunScores,
+    attribute_parts_of,
+    known_groups,
+    mean_std,
+    paired_bootstrap,
+    regroup_by_part,
+    summary_of,
+)
 
 METRICS = ("es_dice", "dice", "es_iou", "iou")
 
@@ -145,47 +160,84 @@ def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str 
         log(f"[{i}/{total}] {m} seed {seed}")
         runs[m][seed] = run_one(method_config(base, m, seed, out), base.data, log)
         ran.append((m, seed))
-    summary = summarise(runs, baseline if baseline in methods else methods[0], n_boot)
+    summary = summarise(runs, baseline if baseline in methods else methods[0], n_boot,
+                        attribute=getattr(base, "attribute", None))
     write_outputs(out, runs, summary)
     return BenchmarkResult(out, summary, ran, skipped)
 
 
+def group_scores(by_seed: dict[int, RunScores]) -> dict[str, Any]:
+    """``{"es_dice", "dice", "es_iou", "iou": {"mean", "std"}, "groups": {G: {"mean", "std",
+    "n"}}}`` over seeds (group n: test cases of the first seed)."""
+    per_seed = {s: {"dice": summary_of(sc.dice, sc.groups),
+                    "iou": summary_of(sc.iou, sc.groups)} for s, sc in by_seed.items()}
+    groups = sorted({g for sc in by_seed.values() for g in known_groups(sc.groups)})
+    first = next(iter(by_seed.values()))
+    return {
+        "es_dice": mean_std([p["dice"]["es"] for p in per_seed.values()]),
+        "dice": mean_std([p["dice"]["overall"] for p in per_seed.values()]),
+        "es_iou": mean_std([p["iou"]["es"] for p in per_seed.values()]),
+        "iou": mean_std([p["iou"]["overall"] for p in per_seed.values()]),
+        "groups": {g: {**mean_std([p["dice"]["groups"][g] for p in per_seed.values()
+                                   if g in p["dice"]["groups"]]),
+                       "n": int((first.groups == g).sum())} for g in groups},
+    }
+
+
+def compare(method: dict[int, RunScores], baseline: dict[int, RunScores], name: str,
+            n_boot: int) -> dict[str, Any]:
+    """``{"baseline", "es_dice_diff", "dice_diff", "groups"}``: paired-bootstrap
+    differences ``method − baseline``."""
+    boot = paired_bootstrap(method, baseline, "dice", n_boot=n_boot)
+    return {"baseline": name, "es_dice_diff": boot["es"], "dice_diff": boot["overall"],
+            "groups": {k.split(":", 1)[1]: v for k, v in boot.items()
+                       if k.startswith("group:")}}
+
+
 def summarise(runs: dict[str, dict[int, tuple[list[dict], dict]]], baseline: str,
-              n_boot: int) -> dict[str, Any]:
-    """``summary.json``'s content from every run's records (see the module docstring)."""
+              n_boot: int, attribute: str | None = None) -> dict[str, Any]:
+    """``summary.json``'s content from every run's records (see the module docstring).
+
+    ``attribute``: the runs' ``--attribute``; with several (``race,gender``) each method
+    also gets per-single-attribute aggregates under ``"attributes"``.
+    """
     scores = {m: {s: RunScores.from_records(r[0]) for s, r in by_seed.items()}
               for m, by_seed in runs.items()}
+    parts = attribute_parts_of(attribute)
+    by_part = {m: {part: {s: regroup_by_part(sc, attribute, part) for s, sc in by_seed.items()}
+                   for part in parts} for m, by_seed in scores.items()}
     methods: dict[str, Any] = {}
     for m, by_seed in scores.items():
-        per_seed = {s: {"dice": summary_of(sc.dice, sc.groups),
-                        "iou": summary_of(sc.iou, sc.groups)} for s, sc in by_seed.items()}
-        groups = sorted({g for sc in by_seed.values() for g in known_groups(sc.groups)})
-        first = next(iter(by_seed.values()))
         costs = [r[1] for r in runs[m].values()]
         methods[m] = {
-            "es_dice": mean_std([p["dice"]["es"] for p in per_seed.values()]),
-            "dice": mean_std([p["dice"]["overall"] for p in per_seed.values()]),
-            "es_iou": mean_std([p["iou"]["es"] for p in per_seed.values()]),
-            "iou": mean_std([p["iou"]["overall"] for p in per_seed.values()]),
-            "groups": {g: {**mean_std([p["dice"]["groups"][g] for p in per_seed.values()
-                                       if g in p["dice"]["groups"]]),
-                           "n": int((first.groups == g).sum())} for g in groups},
+            **group_scores(by_seed),
             "gflops": float(costs[0]["gflops"]), "params": int(costs[0]["params"]),
             "seeds": sorted(by_seed),
             "best_epochs": [int(r[1].get("best_epoch", 0)) for r in runs[m].values()],
         }
+        if parts:
+            methods[m]["attributes"] = {}
+            for part, part_scores in by_part[m].items():
+                agg = group_scores(part_scores)
+                methods[m]["attributes"][part] = {"es_dice": agg["es_dice"],
+                                                  "groups": agg["groups"]}
     vs: dict[str, Any] = {}
     for m in scores:
         if m == baseline:
             continue
-        boot = paired_bootstrap(scores[m], scores[baseline], "dice", n_boot=n_boot)
-        vs[m] = {"baseline": baseline, "es_dice_diff": boot["es"],
-                 "dice_diff": boot["overall"],
-                 "groups": {k.split(":", 1)[1]: v for k, v in boot.items()
-                            if k.startswith("group:")}}
-    return {"methods": methods, "vs": vs, "baseline": baseline,
-            "bootstrap": {"replicates": n_boot, "resampled": "seeds, then test cases "
-                          "within each group (paired: same cases for both methods)"}}
+        vs[m] = compare(scores[m], scores[baseline], baseline, n_boot)
+        if parts:
+            vs[m]["attributes"] = {}
+            for part in parts:
+                c = compare(by_part[m][part], by_part[baseline][part], baseline, n_boot)
+                vs[m]["attributes"][part] = {"es_dice_diff": c["es_dice_diff"],
+                                             "groups": c["groups"]}
+    out = {"methods": methods, "vs": vs, "baseline": baseline,
+           "bootstrap": {"replicates": n_boot, "resampled": "seeds, then test cases "
+                         "within each group (paired: same cases for both methods)"}}
+    if parts:
+        out["attribute"] = attribute
+    return out
 
 
 def write_outputs(out: Path, runs: dict[str, dict[int, tuple[list[dict], dict]]],
@@ -236,16 +288,50 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                   "seeds [95 % paired bootstrap CI over seeds and test cases]):", ""]
         head = ["method", "ES-Dice", "Dice"] + [f"Dice {cell[g]}" for g in groups]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-        def ci(d: dict[str, Any]) -> str:
-            lo, hi = d["ci95"]
-            return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-
         for m, v in summary["vs"].items():
-            cells = [METHOD_TITLES.get(m, m), ci(v["es_dice_diff"]), ci(v["dice_diff"])]
-            cells += [ci(v["groups"][g]) if g in v["groups"] else "—" for g in groups]
+            cells = [METHOD_TITLES.get(m, m), _ci(v["es_dice_diff"]), _ci(v["dice_diff"])]
+            cells += [_ci(v["groups"][g]) if g in v["groups"] else "—" for g in groups]
             lines.append("| " + " | ".join(cells) + " |")
+    for part in attribute_parts_of(summary.get("attribute")):
+        lines += ["", *part_markdown(summary, part)]
     return "\n".join(lines) + "\n"
+
+
+def _ci(d: dict[str, Any]) -> str:
+    lo, hi = d["ci95"]
+    return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def part_markdown(summary: dict[str, Any], part: str) -> list[str]:
+    """Lines of the per-single-attribute table of an intersectional benchmark: ES-Dice over
+    ``part``'s values and Dice per value (×100, mean ± std), then the paired CIs."""
+    methods = {m: v["attributes"][part] for m, v in summary["methods"].items()
+               if part in v.get("attributes", {})}
+    if not methods:
+        return []
+    values = sorted({g for m in methods.values() for g in m["groups"]})
+    ns = {g: next(m["groups"][g]["n"] for m in methods.values() if g in m["groups"])
+          for g in values}
+    head = ["method", f"ES-Dice over {part}"] + [f"Dice {g} (n={ns[g]})" for g in values]
+    lines = [f"By {part} alone (each case regrouped by its {part}; ×100, mean ± std over "
+             "seeds):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, v in methods.items():
+        cells = [METHOD_TITLES.get(m, m), _pm(v["es_dice"])]
+        cells += [_pm(v["groups"][g]) if g in v["groups"] else "—" for g in values]
+        lines.append("| " + " | ".join(cells) + " |")
+    vs = {m: v["attributes"][part] for m, v in summary["vs"].items()
+          if part in v.get("attributes", {})}
+    if vs:
+        base = summary["baseline"]
+        lines += ["", f"Difference from {METHOD_TITLES.get(base, base)} by {part} (×100 "
+                  "[95 % paired bootstrap CI]):", ""]
+        head = ["method", f"ES-Dice over {part}"] + [f"Dice {g}" for g in values]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m, v in vs.items():
+            cells = [METHOD_TITLES.get(m, m), _ci(v["es_dice_diff"])]
+            cells += [_ci(v["groups"][g]) if g in v["groups"] else "—" for g in values]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_methods_violin(runs: dict[str, dict[int, tuple[list[dict], dict]]],

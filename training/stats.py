@@ -53,6 +53,31 @@ class RunScores:
         return RunScores(self.ids[idx], self.groups[idx], self.dice[idx], self.iou[idx])
 
 
+def regroup_by_part(scores: RunScores, attribute: str, part: str) -> RunScores:
+    """An intersectional run (``attribute="race,gender"``, groups ``"Black|female"``) with
+    every case regrouped by the single attribute ``part`` (``"race"`` → ``"Black"``);
+    unknown or malformed combinations stay ``"unknown"``.
+
+    Raises:
+        ValueError: ``part`` is not one of ``attribute``'s parts.
+    """
+    from .data.cases import split_combination
+
+    parts = attribute_parts_of(attribute)
+    if part not in parts:
+        raise ValueError(f"{part!r} is not a part of {attribute!r}; parts: {parts}")
+    groups = np.array([group_name(split_combination(attribute, str(g)).get(part, ""))
+                       for g in scores.groups.tolist()], dtype=object)
+    return RunScores(scores.ids, groups, scores.dice, scores.iou)
+
+
+def attribute_parts_of(attribute: str | None) -> list[str]:
+    """``"race,gender"`` → ``["race", "gender"]``; ``[]`` for one attribute or None."""
+    if not attribute or "," not in attribute:
+        return []
+    return [p.strip() for p in attribute.split(",")]
+
+
 def known_groups(groups: np.ndarray) -> list[str]:
     return sorted({str(g) for g in groups.tolist()} - {UNKNOWN_GROUP})
 
