@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import ddp_gradient_scale, global_sum
 from .losses import DiceCELoss
 
 __all__ = ["GradientReversal", "AttributeDiscriminator", "AdversarialLoss",
@@ -166,6 +167,8 @@ class AdversarialLoss(nn.Module):
 
         if is_distributed() and not self._grad_hooks:
             # the discriminator is not inside DistributedDataParallel: average its gradients
+            # as DDP does (attribute_loss scales them by the world size, so the average
+            # is the global batch's gradient; it runs on every rank at every step)
             world = get_world_size()
 
             def average(grad: torch.Tensor) -> torch.Tensor:
@@ -191,18 +194,32 @@ class AdversarialLoss(nn.Module):
         return feats.flatten(2).mean(dim=2)
 
     def attribute_loss(self, feats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """Balanced CE of the discriminator on reversed pooled features ``(B, C)``."""
+        """Balanced CE of the discriminator on reversed pooled features ``(B, C)``.
+
+        The weighted mean ``Σ w_i·CE_i / Σ w_i`` (``w_i`` the balance weight of sample
+        ``i``'s group, 0 for unknown samples) is taken over the **global** batch under
+        ``torch.distributed``: numerator and denominator are summed over all ranks
+        (``training.distributed.global_sum``) and the gradient scaled for DDP's averaging,
+        so N processes train the discriminator and the encoder exactly as one process with
+        the N batches. Every sample goes through the discriminator (unknown ones with
+        weight 0), so its gradient hooks fire on every rank at every step even when a
+        rank's batch holds no known sample (otherwise the ranks' collectives would differ).
+        """
         known = groups >= 0
-        if not bool(known.any()):
-            return feats.sum() * 0.0
-        logits = self.discriminator(grad_reverse(feats[known].float(), self.lam))
-        target = groups[known].long()
+        target = groups.clamp_min(0).long()
+        logits = self.discriminator(grad_reverse(feats.float(), self.lam))
+        ce = F.cross_entropy(logits, target, reduction="none")
         if self.balance.numel():
-            cw = self.balance.to(logits.dtype)
-        else:
-            counts = torch.bincount(target, minlength=self.num_groups).to(logits.dtype)
+            cw = self.balance.to(ce.dtype)
+        else:  # balance on the (global) batch's counts
+            counts = global_sum(torch.bincount(groups[known].long(),
+                                               minlength=self.num_groups).to(ce.dtype))
             cw = counts.sum() / (self.num_groups * counts.clamp_min(1))
-        return F.cross_entropy(logits, target, weight=cw)
+        w = cw[target] * known.to(ce.dtype)
+        total = global_sum((w * ce).sum())
+        weight_sum = global_sum(w.sum())
+        # no known sample anywhere: the numerator is exactly 0 and so is the loss
+        return ddp_gradient_scale(total / weight_sum.clamp_min(1e-12))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 groups: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,154 @@ def test_two_process_resume_continues_exactly(ddp_one_epoch, fundus, tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss", "val_dice", "val_es_dice", "lr"):
             assert float(ra[key]) == pytest.approx(float(rb[key]), abs=1e-4), key
+
+
+
+def _two_vs_one_process(folder, worker: str, timeout: float = 120) -> tuple[dict, list[dict]]:
+    """Run ``worker`` under 2 gloo ranks and, at the same time, alone.
+
+    The worker writes ``{argv[1]}{rank}.json`` next to itself; returns
+    ``(single-process result, [rank 0 result, rank 1 result])``.
+    """
+    script = folder / "worker.py"
+    root = Path(__file__).resolve().parents[2]  # the script runs outside the repository
+    script.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\n" + textwrap.dedent(worker))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    single = subprocess.Popen([sys.executable, str(script), "single"],
+                              env={**env, "OMP_NUM_THREADS": "1"})
+    try:
+        _torchrun([str(script), "ddp"], module=None, timeout=timeout)
+        assert single.wait(timeout=timeout) == 0
+    finally:
+        if single.poll() is None:
+            single.kill()
+    one = json.loads((folder / "single0.json").read_text())
+    return one, [json.loads((folder / f"ddp{rank}.json").read_text()) for rank in (0, 1)]
+
+
+# One worker, launched once, checks every method whose DDP path has its own code: ADV (the
+# discriminator outside DDP, hand-averaged), separate (backbones unused on a rank), and the
+# group losses GroupDRO/FEBS (global sums). Global batch of 8; rank r of 2 takes r::2.
+_PARITY_WORKER = """
+    import json, sys, torch
+    from pathlib import Path
+    from training.adversarial import bottleneck_channels
+    from training.distributed import setup_distributed, teardown_distributed
+    from training.losses import build_loss
+    from training.networks import create_model
+    info = setup_distributed(torch.device("cpu"))
+    DDP = torch.nn.parallel.DistributedDataParallel
+    gen = torch.Generator().manual_seed(0)
+    B, K = 8, 3
+    x = torch.randn(B, 1, 32, 32, generator=gen)
+    y = torch.randint(0, K, (B, 32, 32), generator=gen)
+    sl = slice(info.rank, None, info.world_size)
+    SMALL = dict(img_size=32, embed_dim=16, depth=1, num_heads=2, norm="instance",
+                 decoder_head_channels=16, decoder_channels=(8, 8, 8, 8))
+
+    def flat(params):
+        return torch.cat([p.detach().flatten() for p in params]).tolist()
+
+    def train(model, loss_fn, params, batches, record=None):
+        opt = torch.optim.SGD(params, lr=0.1)
+        values = []
+        for groups in batches:
+            loss = loss_fn(model(x[sl], groups[sl]), y[sl], groups[sl])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            values.append(record() if record else loss.item())
+        return values
+
+    out = {}
+    # ADV: ranks see different group mixes; at step 2 rank 0 of 2 sees only unknown samples
+    adv_batches = [torch.tensor([0, 0, 0, 0, 1, 2, 0, 1]),
+                   torch.tensor([-1, 0, -1, 1, -1, 2, -1, 0])] * 2
+    for counts in (None, [5.0, 2.0, 1.0]):  # balance on the batch / on training counts
+        torch.manual_seed(1)
+        net = create_model("transunet", preset="tiny", in_channels=1, out_channels=K,
+                           moe="none", **SMALL)
+        loss_fn = build_loss("adv", num_classes=K, num_groups=3, weight=0.5,
+                             in_features=bottleneck_channels(net), group_counts=counts)
+        loss_fn.attach(net).train()  # before DDP, as training.fit does
+        params = torch.nn.ModuleList([net, loss_fn]).parameters()
+        model = DDP(net) if info.distributed else net
+        values = train(model, loss_fn, params, adv_batches,
+                       record=lambda: loss_fn.last_attribute_loss)
+        out[f"adv {counts}"] = {"values": values, "model": flat(net.parameters()),
+                                "disc": flat(loss_fn.discriminator.parameters())}
+    # separate: rank 0 of 2 has no group 2 (step 1), nobody has group 2 (step 2),
+    # rank 1 has only unknown samples (every backbone) while rank 0 has none (step 3)
+    torch.manual_seed(1)
+    sep = create_model("separate", preset="tiny", in_channels=1, out_channels=K, moe="none",
+                       num_attributes=3, backbone_kwargs=SMALL)
+    model = DDP(sep, find_unused_parameters=True) if info.distributed else sep
+    values = train(model, build_loss("dicece", num_classes=K, num_groups=3), sep.parameters(),
+                   [torch.tensor([0, 0, 0, 0, 1, 2, 0, 1]), torch.tensor([0, 1, 0, 1, 1, 0, 1, 1]),
+                    torch.tensor([0, -1, 1, -1, 2, -1, 0, -1])])
+    out["separate"] = {"values": values, "model": flat(sep.parameters()),
+                       "per_group": [flat(b.parameters())[:50] for b in sep.backbones]}
+    # group losses on a 1-layer net (rank 0 of 2 sees no group 2)
+    groups = torch.tensor([0, 0, 0, 0, 1, 2, 0, 1])
+    for name, kw in [("groupdro", {"eta": 0.5}), ("febs", {})]:
+        torch.manual_seed(1)
+        conv = torch.nn.Conv2d(1, K, 3, padding=1)
+        model = DDP(conv) if info.distributed else conv
+        loss_fn = build_loss(name, num_classes=K, num_groups=3, **kw).train()
+        values = train(lambda x, a: model(x), loss_fn, conv.parameters(), [groups] * 3)
+        out[name] = {"values": values, "model": flat(conv.parameters()),
+                     "q": loss_fn.q.tolist() if hasattr(loss_fn, "q") else None}
+    Path(sys.argv[0]).with_name(f"{sys.argv[1]}{info.rank}.json").write_text(json.dumps(out))
+    teardown_distributed()
+"""
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """(1-process result, [2-process rank results]) of :data:`_PARITY_WORKER`."""
+    return _two_vs_one_process(tmp_path_factory.mktemp("parity"), _PARITY_WORKER)
+
+
+def _same(a, b, key):
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+
+
+def test_adv_two_processes_equal_one_process(parity):
+    """--loss adv: 2 ranks with half the batch each (different group mixes, one rank with
+    only unknown samples: no collective mismatch) train the network and the discriminator
+    exactly as 1 process with all of it, for batch and training-count balancing."""
+    single, ranks = parity
+    for key in ("adv None", "adv [5.0, 2.0, 1.0]"):
+        one = single[key]
+        assert one["values"][0] != one["values"][-1]  # the discriminator trained
+        for ddp in ranks:
+            _same(ddp[key]["values"], one["values"], key)  # the global-batch attribute CE
+            _same(ddp[key]["disc"], one["disc"], key)
+            _same(ddp[key]["model"], one["model"], key)
+
+
+def test_separate_two_processes_with_absent_groups_equal_one_process(parity):
+    """--arch separate under DDP (find_unused_parameters): a group missing from one rank's
+    batch, or from every rank's, neither hangs nor errors, and training equals 1 process."""
+    single, ranks = parity
+    one = single["separate"]
+    assert one["values"][0] != one["values"][-1]
+    for ddp in ranks:
+        _same(ddp["separate"]["model"], one["model"], "separate")
+        for g, params in enumerate(one["per_group"]):
+            _same(ddp["separate"]["per_group"][g], params, f"separate backbone {g}")
+    # CE/Dice are per-rank means: the ranks' mean loss is the 1-process loss
+    mean = [(a + b) / 2 for a, b in zip(ranks[0]["separate"]["values"],
+                                        ranks[1]["separate"]["values"])]
+    _same(mean, one["values"], "separate loss")
+
+
+def test_group_losses_two_processes_equal_one_process_fast(parity):
+    """GroupDRO (and its q) and FEBS with a group absent from one rank: 2 ranks = 1 process."""
+    single, ranks = parity
+    for key in ("groupdro", "febs"):
+        assert single[key]["values"][0] != single[key]["values"][-1]
+        for ddp in ranks:
+            _same(ddp[key]["model"], single[key]["model"], key)
+            if single[key]["q"] is not None:
+                _same(ddp[key]["q"], single[key]["q"], key)
