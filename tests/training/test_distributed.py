@@ -389,3 +389,22 @@ def test_group_losses_two_processes_equal_one_process_fast(parity):
             _same(ddp[key]["model"], single[key]["model"], key)
             if single[key]["q"] is not None:
                 _same(ddp[key]["q"], single[key]["q"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["--arch", "separate", "--moe", "none"],
+                                    ["--loss", "adv", "--moe", "none"]], ids=["separate", "adv"])
+def test_two_process_fit_separate_and_adv_run_through(method, tmp_path):
+    """training.fit under 2 ranks for the two methods with their own DDP code paths. With
+    2 samples per rank and 3 groups, every rank's every batch lacks a group (separate: a
+    backbone unused on that rank; the trainer's find_unused_parameters must handle it)."""
+    data = make_synthetic_dataset("fundus", tmp_path / "data", n=14, seed=3)
+    out = tmp_path / "run"
+    fast = [a if a != "4" else "2" for a in FAST]  # --batch-size 2
+    proc = _torchrun(["--data", str(data), "--epochs", "2", "--out", str(out), *method, *fast],
+                     timeout=180)
+    assert proc.stdout.count("epoch 2: loss") == 1
+    model, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["provenance"]["epochs"] == 2
+    if "separate" in method:
+        assert model.model_name == "separate" and len(model.backbones) == 3
