@@ -229,7 +229,8 @@ class FEBSLoss(_GroupLoss):
                                       (t * t).sum(dims)], dim=1)  # (n, 3, K)
             sums.index_add_(0, idx, per_sample)
         counts = torch.bincount(idx, minlength=G).to(probs.dtype)
-        sums, counts = global_sum(sums), global_sum(counts)
+        pooled = global_sum(torch.cat([sums.flatten(), counts]))  # one all-reduce
+        sums, counts = pooled[:-G].view(G, 3, K), pooled[-G:]
         present = counts > 0
         losses = dice_from_sums(sums.transpose(0, 1)).sum(-1)  # (3, G, K) -> (G,)
         return torch.where(present, losses, torch.zeros_like(losses)), present
@@ -309,11 +310,16 @@ class GroupDROLoss(_GroupLoss):
         )
         known = groups >= 0
         idx = groups[known].long()
-        sums = global_sum(per_sample.new_zeros(self.num_groups).index_add(
-            0, idx, per_sample[known]))
-        counts = global_sum(torch.bincount(idx, minlength=self.num_groups).to(per_sample.dtype))
-        unknown_sum = global_sum(per_sample[~known].sum())
-        n_unknown = global_sum(per_sample.new_tensor(float((~known).sum())))
+        G = self.num_groups
+        # one all-reduce for the (G,) group sums and counts and the unknown sum and count
+        stats = global_sum(torch.cat([
+            per_sample.new_zeros(G).index_add(0, idx, per_sample[known]),
+            torch.bincount(idx, minlength=G).to(per_sample.dtype),
+            per_sample[~known].sum().view(1),
+            per_sample.new_tensor([float((~known).sum())]),
+        ]))
+        sums, counts = stats[:G], stats[G:2 * G]
+        unknown_sum, n_unknown = stats[2 * G], stats[2 * G + 1]
         n_known = counts.sum()
         group_loss = sums / counts.clamp_min(1)  # absent groups → 0
         if self.training and bool(n_known > 0):
