@@ -20,6 +20,9 @@ Two paths compute the same function:
   mask. The stored expert outputs give the gate gradient without a hidden-wide product.
 - ``"grouped"`` (CUDA tensors, when torch has ``grouped_mm``): bf16 grouped GEMMs over
   the sorted rows with plain autograd.
+- ``"dense"`` (CPU, few tokens): every expert on every token, gates zero outside the top
+  k, plain autograd; no sorting or per-expert bookkeeping, which dominate below about
+  ``DENSE_MAX_UNITS`` hidden units (the coarse stages of a 3D U-Net).
 """
 
 from __future__ import annotations
@@ -44,8 +47,14 @@ KEEP_HIDDEN_BYTES = 64 * 2**20
 DROPOUT_POSITIONS = ("hidden", "output")
 """Where expert dropout acts: after the ReLU, or after the second linear layer."""
 
-EXPERT_PATHS = ("auto", "fused", "grouped")
-"""Dispatch implementations; ``auto`` = ``grouped`` on CUDA when available, else ``fused``."""
+EXPERT_PATHS = ("auto", "fused", "grouped", "dense")
+"""Dispatch implementations; ``auto`` = ``grouped`` on CUDA when available, ``dense`` for
+few tokens (``DENSE_MAX_UNITS``), else ``fused``."""
+
+DENSE_MAX_UNITS = 2**17
+"""``auto`` runs every expert on every token (``dense``) when ``tokens * experts * hidden``
+is at most this: the deep, coarse stages of a 3D U-Net (16-128 tokens), where sorting and
+per-expert bookkeeping cost more than the ``E/k``-fold products."""
 
 _RANDOM_BITS = 16
 
@@ -317,6 +326,30 @@ def _grouped_experts(x, gates, w1, b1, w2, b2, plan, p, position, mask):
     return (y * gates[..., None]).sum(1)
 
 
+def _dense_experts(x, indices, gates, w1, b1, w2, b2, p, position, mask):
+    """The same function with every expert on every token and a gate matrix that is zero
+    outside the top k (plain autograd; for few tokens). ``mask``: bool keep mask
+    ``(T, k, W)`` in token order, or None for a fresh draw while ``p > 0``."""
+    T, C = x.shape
+    E, _, H = w1.shape
+    full = x.new_zeros(T, E).scatter(1, indices, gates)  # (T, E)
+    h = torch.relu(x @ w1.permute(1, 0, 2).reshape(C, E * H) + b1.reshape(-1)).view(T, E, H)
+    if p > 0:
+        width = H if position == "hidden" else C
+        keep = torch.ones(T, E, width, dtype=torch.bool, device=x.device)
+        if mask is None:
+            _draw_keep(keep, p)
+        else:  # the given decisions for the chosen experts; the others are gated out
+            keep.scatter_(1, indices[..., None].expand(-1, -1, width), mask)
+        keep = keep.to(x.dtype) * (1.0 / (1.0 - p))
+        if position == "hidden":
+            h = h * keep
+    y = torch.bmm(h.transpose(0, 1), w2).transpose(0, 1) + b2  # (T, E, C)
+    if p > 0 and position == "output":
+        y = y * keep
+    return torch.bmm(full[:, None], y)[:, 0]
+
+
 class ExpertBank(nn.Module):
     """``num_experts`` independent MLPs ``C -> hidden -> C`` with ReLU and dropout.
 
@@ -393,13 +426,17 @@ class ExpertBank(nn.Module):
         return drop(y) if self.dropout_position == "output" else y
 
     def select_path(self, x: torch.Tensor, path: str = "auto") -> str:
-        """The dispatch path ``forward`` takes for tokens ``x`` (``"fused"``/``"grouped"``)."""
+        """The dispatch path ``forward`` takes for tokens ``x`` ``(T, C)``: ``"grouped"`` on CUDA
+        (when torch has it), ``"dense"`` on CPU for few tokens, else ``"fused"``."""
         if path not in EXPERT_PATHS:
             raise ValueError(f"path must be one of {list(EXPERT_PATHS)}, got {path!r}")
         if path != "auto":
             return path
         aligned = self.embed_dim % 8 == 0 and self.hidden_dim % 8 == 0  # 16-byte bf16 rows
-        return "grouped" if x.is_cuda and aligned and _grouped_mm() is not None else "fused"
+        if x.is_cuda and aligned and _grouped_mm() is not None:
+            return "grouped"
+        few = x.shape[0] * self.num_experts * self.hidden_dim <= DENSE_MAX_UNITS
+        return "dense" if few and not x.is_cuda else "fused"
 
     def forward(
         self,
@@ -441,6 +478,12 @@ class ExpertBank(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         if chunk_rows is None:
             chunk_rows = max(DEFAULT_CHUNK_ROWS, CHUNK_HIDDEN_UNITS // self.hidden_dim)
+        with torch.autocast(x.device.type, enabled=False):
+            if route == "dense":
+                weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+                out = _dense_experts(x.to(dtype), indices, gates.to(dtype), *weights, p,
+                                     self.dropout_position, dropout_mask)
+                return out.to(x.dtype)
         plan = _Plan(indices, gates, self.num_experts, chunk_rows)
         mask = plan.sort_mask(dropout_mask) if dropout_mask is not None else None
         with torch.autocast(x.device.type, enabled=False):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.networks.blocks import experts
-from training.networks.blocks.experts import ExpertBank
+from training.networks.blocks.experts import DENSE_MAX_UNITS, ExpertBank
 from training.networks.blocks.routing import AttributeRouterBank
 
 from ._reference import reference_experts
@@ -145,8 +145,45 @@ def test_bad_arguments_raise():
         bank.select_path(x, "magic")
 
 
-def test_cpu_selects_the_fused_path():
-    assert ExpertBank(8).select_path(torch.randn(2, 8)) == "fused"
+def test_cpu_selects_dense_for_few_tokens_and_fused_for_many():
+    bank = ExpertBank(8)  # 8 experts of hidden width 32
+    assert bank.select_path(torch.randn(2, 8)) == "dense"
+    assert bank.select_path(torch.randn(DENSE_MAX_UNITS // 256, 8)) == "dense"
+    assert bank.select_path(torch.randn(DENSE_MAX_UNITS // 256 + 1, 8)) == "fused"
+
+
+@pytest.mark.parametrize("position", ["hidden", "output"])
+def test_dense_path_equals_fused_path(position):
+    torch.manual_seed(0)
+    T, C, E, k = 64, 16, 8, 2
+    bank = ExpertBank(C, num_experts=E, dropout=0.2, dropout_position=position).train()
+    x = torch.randn(T, C, requires_grad=True)
+    indices = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    gates = torch.softmax(torch.randn(T, k), -1).requires_grad_()
+    keep = torch.rand(T, k, bank.dropout_width) >= 0.2
+    results = []
+    for path in ("fused", "dense"):
+        y = bank(x, indices, gates, dropout_mask=keep, path=path)
+        params = [x, gates, bank.w1, bank.b1, bank.w2, bank.b2]
+        results.append([y, *torch.autograd.grad(y.square().sum(), params)])
+    for dense, fused in zip(results[1], results[0]):
+        torch.testing.assert_close(dense, fused, rtol=1e-5, atol=1e-5)
+    unused = sorted(set(range(E)) - set(indices.flatten().tolist()))
+    for e in unused:  # experts no token chose get exactly zero gradient
+        assert torch.count_nonzero(results[1][3][e]) == 0
+
+
+def test_dense_path_applies_dropout_only_while_training():
+    torch.manual_seed(0)
+    bank = ExpertBank(16, dropout=0.25).train()
+    x = torch.randn(32, 16)
+    idx = torch.zeros(32, 1, dtype=torch.long)
+    g = torch.ones(32, 1)
+    y = bank(x, idx, g, path="dense")
+    bank.eval()
+    y_eval = bank(x, idx, g, path="dense")
+    assert not torch.allclose(y, y_eval)  # dropout acted while training
+    torch.testing.assert_close(y_eval, bank(x, idx, g, path="fused"))
 
 
 def _compare_paths(device, position):
