@@ -56,14 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "unseen in training is routed by its parts); stored in the checkpoint")
     g.add_argument("--classes", type=lambda s: s.split(","), help="e.g. background,rim,cup")
     g.add_argument("--image-size", type=int, help="2D model input side (default 224)")
-    g.add_argument("--center-crop", type=int, help="2D centre crop in pixels before resizing")
+    g.add_argument("--center-crop", type=int,
+                   help="2D centre crop in pixels before resizing (default none; 512 under "
+                        "--protocol paper)")
     g.add_argument("--gray-from", default="luminance",
                    choices=["luminance", "red", "green", "blue"],
                    help="how inference turns an RGB photograph into gray for a grayscale "
                         "model (e.g. green for fundus); stored in the checkpoint")
     g.add_argument("--intensity", choices=["minmax", "scale255", "none"],
                    help="2D intensity scaling (default minmax per image; scale255: fixed /255 "
-                        "as the FairSeg reference)")
+                        "as the FairSeg reference, the default under --protocol paper)")
     g.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="3D training patch (default 64 64 32)")
     g.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"),
@@ -80,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spatial-dims", type=int, default=2, choices=[2, 3])
     g.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
     g.add_argument("--moe", default="dmoe", choices=["none", "moe", "dmoe"])
-    g.add_argument("--attribute-dropout", type=float, default=0.1,
-                   help="share of training samples routed as 'unknown' (trains that router)")
+    g.add_argument("--attribute-dropout", type=float,
+                   help="share of training samples routed as 'unknown' (default 0.1 with --moe "
+                        "dmoe: trains the unknown router; 0 with --arch separate, whose unknown "
+                        "path is the mean of the group models: > 0 also trains every group "
+                        "model on that share of the other groups' samples)")
     g.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
                    help='extra network arguments, e.g. \'{"embed_dim": 64, "depth": 2}\'')
     g.add_argument("--moe-importance-weight", type=float, default=0.0)
@@ -94,13 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--febs-missing", default="reference", choices=["reference", "present"],
                    help="FEBS when a group is missing from the batch: reference (all weights "
                         "tanh(0)=0) or present (min over the groups present)")
-    g.add_argument("--dice", default="monai", choices=["monai", "reference"],
-                   help="Dice loss form: monai (per sample) or reference (squared, "
-                        "batch-pooled)")
+    g.add_argument("--dice", choices=["monai", "reference"],
+                   help="Dice loss form: monai (per sample; default) or reference (squared, "
+                        "batch-pooled; default under --protocol paper)")
     g.add_argument("--select", default="dice", choices=["es_dice", "dice", "worst_group", "last"],
                    help="validation score that picks best.safetensors (default dice)")
     g.add_argument("--protocol", default="ours", choices=["ours", "paper"],
-                   help="paper: every reference-code choice (README table)")
+                   help="paper: every reference-code choice (README table) that no explicit "
+                        "flag sets (--dice, --intensity, --center-crop, --model-kwargs "
+                        "drop_rate / moe_spec: explicit flags win; the log lists both)")
     g.add_argument("--epochs", type=int, default=50)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=1e-3)

@@ -5,6 +5,9 @@ options a training run derives from its configuration.
   TransUNet, +MoE, +dMoE, +FEBS, +GroupDRO, +ADV, one separate model per group);
 - :data:`PAPER_PROTOCOL`: what ``--protocol paper`` changes, each one a choice where the
   official code differs from our defaults (see :data:`PROTOCOL_TABLE`);
+  :func:`apply_protocol` fills in the settings no flag set (explicit flags win) and reports
+  which were applied and which overridden;
+- :func:`attribute_dropout_for`: the ``--attribute-dropout`` in effect (0 for ``separate``);
 - :func:`selection_score`: the number ``--select`` maximises to pick ``best.safetensors``;
 - :func:`loss_options`: the keyword arguments ``build_loss`` gets from a configuration.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -126,6 +130,113 @@ def protocol_changes(protocol: str) -> dict[str, Any]:
     return dict(PAPER_PROTOCOL) if protocol == "paper" else {}
 
 
+PROTOCOL_FLAGS = {
+    "dice": "--dice",
+    "intensity": "--intensity",
+    "center_crop": "--center-crop",
+    "vit_drop_rate": "--model-kwargs drop_rate",
+    "router_bias": "--model-kwargs moe_spec.router_bias",
+    "expert_dropout_position": "--model-kwargs moe_spec.dropout_position",
+}
+"""Each :data:`PAPER_PROTOCOL` setting → the flag that sets it explicitly (and then wins)."""
+
+OUR_DICE = "monai"
+
+
+@dataclass(frozen=True)
+class ProtocolReport:
+    """What :func:`apply_protocol` did: ``applied`` — setting → the protocol's value, taken
+    because no flag set it (or a flag gave the same value); ``kept`` — setting → ``(explicit
+    value, protocol value)`` where an explicit flag overrode the protocol."""
+
+    protocol: str
+    applied: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """Log lines (none for ``--protocol ours``)."""
+        out = []
+        if self.applied:
+            out.append(f"--protocol {self.protocol}: applied "
+                       + ", ".join(f"{k}={v!r}" for k, v in self.applied.items()))
+        if self.kept:
+            out.append(f"--protocol {self.protocol}: explicit flags override it: "
+                       + ", ".join(f"{PROTOCOL_FLAGS[k]} {mine!r} (protocol: {theirs!r})"
+                                   for k, (mine, theirs) in self.kept.items()))
+        return out
+
+
+def transunet_backbone(arch: str, model_kwargs: Mapping[str, Any]) -> bool:
+    """True when the network (or, for ``separate``, each group model) is a TransUNet."""
+    return arch == "transunet" or (arch == "separate"
+                                   and model_kwargs.get("backbone", "transunet") == "transunet")
+
+
+def apply_protocol(config: Any) -> ProtocolReport:
+    """Fill the settings of ``config`` that no flag set with ``config.protocol``'s choices.
+
+    A setting counts as unset when its field is ``None`` (``dice``, ``intensity``,
+    ``center_crop``) or its key is absent from ``model_kwargs`` (``drop_rate``;
+    ``moe_spec`` ``router_bias``/``dropout_position``). Explicit values always win; a
+    ``dice`` left unset under ``--protocol ours`` becomes ``"monai"``. Only settings that
+    apply to the run are touched: intensity and crop in 2D, ViT dropout for TransUNets,
+    router and expert dropout with ``--moe moe|dmoe``. Mutates ``config`` (its ``dice``,
+    ``intensity``, ``center_crop``, ``model_kwargs``); idempotent.
+
+    Raises:
+        ValueError: unknown ``config.protocol``.
+    """
+    paper = protocol_changes(config.protocol)
+    applied: dict[str, Any] = {}
+    kept: dict[str, tuple[Any, Any]] = {}
+
+    def choose(key: str, current: Any, unset: bool) -> Any:
+        if unset or current == paper[key]:
+            applied[key] = paper[key]
+            return paper[key]
+        kept[key] = (current, paper[key])
+        return current
+
+    if paper:
+        config.dice = choose("dice", config.dice, config.dice is None)
+        if config.spatial_dims == 2:
+            config.intensity = choose("intensity", config.intensity, config.intensity is None)
+            config.center_crop = choose("center_crop", config.center_crop,
+                                        config.center_crop is None)
+        kwargs = dict(config.model_kwargs)
+        if transunet_backbone(config.arch, kwargs):
+            kwargs["drop_rate"] = choose("vit_drop_rate", kwargs.get("drop_rate"),
+                                         "drop_rate" not in kwargs)
+        if config.moe != "none":
+            spec = kwargs.get("moe_spec") or {}
+            spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+            for key, name in (("router_bias", "router_bias"),
+                              ("expert_dropout_position", "dropout_position")):
+                spec[name] = choose(key, spec.get(name), name not in spec)
+            kwargs["moe_spec"] = spec
+        config.model_kwargs = kwargs
+    if config.dice is None:
+        config.dice = OUR_DICE
+    return ProtocolReport(config.protocol, applied, kept)
+
+
+DMOE_ATTRIBUTE_DROPOUT = 0.1
+
+
+def attribute_dropout_for(config: Any) -> float:
+    """The ``--attribute-dropout`` in effect: the explicit value, else 0.1 (trains dMoE's
+    unknown-attribute router) — but 0 for ``--arch separate``.
+
+    One model per group routes an unknown attribute to the mean of the group models, which
+    needs no training; a share ``p > 0`` would also train *every* group model on ``p`` of
+    the other groups' samples (through that mean), so the paper's baseline — each model
+    trained on its own group — is ``p = 0``. Given explicitly, ``p`` is honoured.
+    """
+    if config.attribute_dropout is not None:
+        return float(config.attribute_dropout)
+    return 0.0 if config.arch == "separate" else DMOE_ATTRIBUTE_DROPOUT
+
+
 def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -133,13 +244,17 @@ def finite(x: float) -> bool:
 def build_separate_model(config: Any, in_channels: int, num_classes: int, num_attributes: int):
     """``--arch separate``: one backbone per attribute value (``training.networks`` name
     ``"separate"``); ``--model-kwargs`` may name the ``backbone`` (default transunet) and
-    its arguments."""
+    its arguments. ``--attribute-dropout`` (default 0 here, see
+    :func:`attribute_dropout_for`) routes that share of training samples through the
+    unknown-attribute path, the mean of all group models."""
     from .fitting.preparation import DEFAULT_IMAGE_SIZE
     from .networks import create_model
 
     kwargs = dict(config.model_kwargs)
     backbone = kwargs.pop("backbone", "transunet")
-    dropout = kwargs.pop("attribute_dropout", 0.0)
+    dropout = kwargs.pop("attribute_dropout", None)  # as for build_model: model_kwargs win
+    if dropout is None:
+        dropout = attribute_dropout_for(config)
     if backbone == "transunet" and config.spatial_dims == 2:
         kwargs.setdefault("img_size", config.image_size or DEFAULT_IMAGE_SIZE["transunet"])
     return create_model("separate", preset=config.preset, spatial_dims=config.spatial_dims,

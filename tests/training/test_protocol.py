@@ -55,3 +55,82 @@ def test_selection_rules():
     assert selection_score("es_dice", summary, 3) == 0.6
     assert selection_score("worst_group", summary, 3) == 0.5  # unknown is not a group
     assert selection_score("last", summary, 7) == 7
+
+
+# -- explicit flags win over --protocol, for every setting the protocol controls -------------
+def _config(*flags, parse=None):
+    from training.fit import build_parser
+
+    argv = ["--data", "x.csv", "--attribute", "race", *flags]
+    args = parse(build_parser(), argv) if parse else build_parser().parse_args(argv)
+    return FitConfig(**{k: v for k, v in vars(args).items() if k != "config"})
+
+
+PROTOCOL_CASES = [  # setting, read it from a FitConfig, explicit flags, explicit value
+    ("dice", lambda c: c.dice, ["--dice", "monai"], "monai"),
+    ("intensity", lambda c: c.intensity, ["--intensity", "minmax"], "minmax"),
+    ("center_crop", lambda c: c.center_crop, ["--center-crop", "400"], 400),
+    ("vit_drop_rate", lambda c: c.model_kwargs["drop_rate"],
+     ["--model-kwargs", '{"drop_rate": 0.0}'], 0.0),
+    ("router_bias", lambda c: c.model_kwargs["moe_spec"]["router_bias"],
+     ["--model-kwargs", '{"moe_spec": {"router_bias": false}}'], False),
+    ("expert_dropout_position", lambda c: c.model_kwargs["moe_spec"]["dropout_position"],
+     ["--model-kwargs", '{"moe_spec": {"dropout_position": "hidden"}}'], "hidden"),
+]
+
+
+def test_every_protocol_setting_has_a_flag_case():
+    from training.protocol import PAPER_PROTOCOL, PROTOCOL_FLAGS
+
+    assert set(PROTOCOL_FLAGS) == set(PAPER_PROTOCOL) == {c[0] for c in PROTOCOL_CASES}
+
+
+@pytest.mark.parametrize("key,read,flags,mine", PROTOCOL_CASES,
+                         ids=[c[0] for c in PROTOCOL_CASES])
+def test_explicit_flag_wins_over_paper_protocol(key, read, flags, mine):
+    from training.protocol import PAPER_PROTOCOL
+
+    paper = PAPER_PROTOCOL[key]
+    assert mine != paper  # the explicit value is distinguishable from the protocol's
+    cfg = _config("--protocol", "paper")  # no flag: the protocol's value, reported as applied
+    assert read(cfg) == paper
+    assert cfg.protocol_report.applied == PAPER_PROTOCOL and not cfg.protocol_report.kept
+    cfg = _config("--protocol", "paper", *flags)  # the flag wins; the rest stays the protocol's
+    assert read(cfg) == mine
+    assert cfg.protocol_report.kept == {key: (mine, paper)}
+    assert set(cfg.protocol_report.applied) == set(PAPER_PROTOCOL) - {key}
+    lines = cfg.protocol_report.lines()
+    assert len(lines) == 2 and flags[0] in lines[1] and repr(mine) in lines[1]
+    ours = _config(*flags)  # --protocol ours: the flag as given, nothing reported
+    assert read(ours) == mine and ours.protocol_report.lines() == []
+
+
+def test_protocol_resolution_is_idempotent_and_ours_keeps_defaults():
+    import dataclasses
+
+    ours = _config()
+    assert (ours.dice, ours.intensity, ours.center_crop, ours.model_kwargs) == (
+        "monai", None, None, {})
+    cfg = _config("--protocol", "paper", "--dice", "monai")
+    again = dataclasses.replace(cfg)  # e.g. training.benchmark's per-method configs
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    assert again.protocol_report.kept == {"dice": ("monai", "reference")}
+    # settings that do not apply are left alone: 3D (no crop/intensity), no MoE (no router)
+    vol = FitConfig(data="x.csv", attribute="race", protocol="paper", spatial_dims=3,
+                    arch="resunet", moe="none")
+    assert (vol.center_crop, vol.intensity, vol.model_kwargs) == (None, None, {})
+    assert set(vol.protocol_report.applied) == {"dice"}
+    # separate with TransUNet group models gets the ViT dropout too
+    sep = FitConfig(data="x.csv", attribute="race", protocol="paper", arch="separate",
+                    moe="none")
+    assert sep.model_kwargs == {"drop_rate": 0.1}
+
+
+def test_explicit_value_from_config_file_wins_over_protocol(tmp_path):
+    from training.cli import parse_with_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("protocol: paper\ndice: monai\n")
+    cfg = _config("--config", str(path), parse=lambda p, argv: parse_with_config(p, argv))
+    assert cfg.dice == "monai" and cfg.intensity == "scale255"
+    assert cfg.protocol_report.kept == {"dice": ("monai", "reference")}

@@ -70,3 +70,58 @@ def test_profile_reports_separate_as_group_multiple_of_the_backbone():
     # (counted on the same device: SDPA attention is counted differently on meta and CPU)
     one = count_flops(real.backbones[0], (1, 1, 128, 128)).total
     assert count_flops(real, (1, 1, 128, 128)).total == 3 * one
+
+
+# -- --attribute-dropout for one model per group --------------------------------------------
+def _separate_config(**kw):
+    from training.fitting import FitConfig
+
+    return FitConfig(data="x.csv", attribute="race", arch="separate", moe="none",
+                     image_size=32, model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
+                     **kw)
+
+
+def test_separate_attribute_dropout_defaults_to_zero_and_honours_explicit_values():
+    from training.fitting import FitConfig, build_model
+    from training.fitting.config import saved_config
+    from training.protocol import build_separate_model
+
+    build = lambda cfg: build_separate_model(cfg, 1, 3, 3)  # noqa: E731
+    # default: each group model trained on its own group only (the paper's baseline)
+    assert build(_separate_config()).attribute_dropout == 0.0
+    assert saved_config(_separate_config())["attribute_dropout"] == 0.0
+    # the flag (it was ignored before) and --model-kwargs are honoured
+    assert build(_separate_config(attribute_dropout=0.3)).attribute_dropout == 0.3
+    cfg = _separate_config()
+    cfg.model_kwargs = {**cfg.model_kwargs, "attribute_dropout": 0.2}
+    assert build(cfg).attribute_dropout == 0.2
+    # dMoE keeps its default 0.1 (trains the unknown router)
+    dmoe = FitConfig(data="x.csv", attribute="race", image_size=32,
+                     model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2})
+    assert build_model(dmoe, 1, 3, 3).attribute_dropout == 0.1
+    assert saved_config(dmoe)["attribute_dropout"] == 0.1
+    with pytest.raises(ValueError, match="attribute-dropout"):
+        _separate_config(attribute_dropout=1.5)
+
+
+def test_benchmark_separate_run_keeps_zero_attribute_dropout(tmp_path):
+    from training.benchmark import method_config
+    from training.fitting import FitConfig
+    from training.protocol import attribute_dropout_for
+
+    base = FitConfig(data="x.csv", attribute="race")  # dMoE defaults
+    assert attribute_dropout_for(method_config(base, "dmoe", 0, tmp_path)) == 0.1
+    assert attribute_dropout_for(method_config(base, "separate", 0, tmp_path)) == 0.0
+    explicit = FitConfig(data="x.csv", attribute="race", attribute_dropout=0.25)
+    assert attribute_dropout_for(method_config(explicit, "separate", 0, tmp_path)) == 0.25
+
+
+def test_attribute_dropout_trains_every_group_model_through_the_unknown_path():
+    """Dropped samples are segmented by the mean of all group models, so with dropout 1
+    a batch of group 0 alone reaches every backbone; with 0 only backbone 0."""
+    x, attr = torch.randn(2, 1, 32, 32), torch.tensor([0, 0])
+    for p, reached in ((0.0, [True, False, False]), (1.0, [True, True, True])):
+        model = _model(dropout=p).train()
+        model(x, attr).square().mean().backward()
+        assert [any(q.grad is not None and q.grad.abs().sum() > 0 for q in net.parameters())
+                for net in model.backbones] == reached, p

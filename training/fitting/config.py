@@ -27,7 +27,7 @@ class FitConfig:
     loss: str = "dicece"
     adv_weight: float = 0.1
     febs_missing: str = "reference"
-    dice: str = "monai"
+    dice: str | None = None  # None: "monai", or the protocol's choice
     select: str = DEFAULT_SELECT
     protocol: str = "ours"
     epochs: int = 50
@@ -51,7 +51,7 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
-    attribute_dropout: float = 0.1
+    attribute_dropout: float | None = None  # None: protocol.attribute_dropout_for
     moe_importance_weight: float = 0.0
     moe_load_weight: float = 0.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -84,31 +84,22 @@ class FitConfig:
             raise ValueError("--resume-fallback must be refuse, best or fresh, got "
                              f"{self.resume_fallback!r}")
         from ..losses import DICE_FORMS, FEBS_MISSING
-        from ..protocol import check_select, protocol_changes
+        from ..protocol import apply_protocol, check_select
 
         check_select(self.select)
-        if self.dice not in DICE_FORMS:
+        if self.dice not in (None, *DICE_FORMS):
             raise ValueError(f"--dice must be monai or reference, got {self.dice!r}")
         if self.febs_missing not in FEBS_MISSING:
             raise ValueError(f"--febs-missing must be reference or present, got "
                              f"{self.febs_missing!r}")
         if self.adv_weight < 0:
             raise ValueError(f"--adv-weight must be >= 0, got {self.adv_weight}")
-        paper = protocol_changes(self.protocol)  # --protocol paper: reference choices
-        if paper:
-            self.dice = paper["dice"]
-            if self.center_crop is None and self.spatial_dims == 2:
-                self.center_crop = paper["center_crop"]
-            if self.intensity is None and self.spatial_dims == 2:
-                self.intensity = paper["intensity"]
-            kwargs = dict(self.model_kwargs)
-            if self.arch == "transunet":
-                kwargs = {"drop_rate": paper["vit_drop_rate"], **kwargs}
-            if self.moe != "none":
-                kwargs["moe_spec"] = {"router_bias": paper["router_bias"],
-                                      "dropout_position": paper["expert_dropout_position"],
-                                      **(kwargs.get("moe_spec") or {})}
-            self.model_kwargs = kwargs
+        if self.attribute_dropout is not None and not 0 <= self.attribute_dropout <= 1:
+            raise ValueError(f"--attribute-dropout must be in [0, 1], got "
+                             f"{self.attribute_dropout}")
+        # --protocol paper: reference choices for every setting no flag set (not a field:
+        # training.fit logs its lines)
+        self.protocol_report = apply_protocol(self)
         if (self.arch == "separate" or self.loss == "adv") and not self.attribute:
             raise ValueError(f"--{'arch separate' if self.arch == 'separate' else 'loss adv'} "
                              "needs the patient attribute: give --attribute NAME")
@@ -154,5 +145,10 @@ RUN_CONTROL = ("resume", "resume_fallback", "overwrite")
 
 
 def saved_config(config: FitConfig) -> dict[str, Any]:
-    """The configuration written to config.yaml (without run-control flags like --resume)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
+    """The configuration written to config.yaml (without run-control flags like --resume),
+    with the ``attribute_dropout`` in effect."""
+    from ..protocol import attribute_dropout_for
+
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
+    saved["attribute_dropout"] = attribute_dropout_for(config)
+    return saved

@@ -92,6 +92,7 @@ def build_model(config: FitConfig, in_channels: int, num_classes: int, num_attri
     value."""
     from ..networks import MoESpec, create_model
     from ..networks.blocks import fold_moe_kwargs
+    from ..protocol import attribute_dropout_for
 
     kwargs = fold_moe_kwargs(config.model_kwargs)
     spec = MoESpec.of(kwargs.get("moe_spec"))
@@ -100,7 +101,7 @@ def build_model(config: FitConfig, in_channels: int, num_classes: int, num_attri
         if k in config.model_kwargs}
     flags = {"importance_weight": config.moe_importance_weight,
              "load_weight": config.moe_load_weight,
-             "attribute_dropout": config.attribute_dropout if config.moe == "dmoe" else 0.0}
+             "attribute_dropout": attribute_dropout_for(config) if config.moe == "dmoe" else 0.0}
     if config.moe == "dmoe" and attribute_parts is not None and len(attribute_parts) > 1:
         flags["attribute_parts"] = tuple(attribute_parts)
         given.discard("attribute_parts")

@@ -147,6 +147,8 @@ def _run(config: FitConfig, info) -> FitResult:
                                                               pre)
     log(f"data: {fmt}, {n_train} train / {n_val} val cases; attribute "
         f"{attribute!r} {vocabulary}; classes {class_names}; device {device}")
+    for line in config.protocol_report.lines():  # --protocol: applied and overridden
+        log(line)
     precision = config.precision or default_precision(device)
     if info.distributed or precision != "fp32":
         log(f"processes: {info.world_size} ({info.backend or 'single'}); precision {precision}")
@@ -191,7 +193,9 @@ def _run(config: FitConfig, info) -> FitResult:
     provenance: dict[str, Any] = {"data": str(config.data), "data_format": fmt,
                                   "data_manifest_hash": manifest_hash(cases),
                                   "data_cases": len(cases), "select": config.select,
-                                  "config": dataclasses.asdict(config)}
+                                  # settings in effect (e.g. attribute_dropout)
+                                  "config": {**dataclasses.asdict(config),
+                                             **saved_config(config)}}
     # the loop's bookkeeping (epoch, best metric, patience, history) is a TrainState
     run = TrainState(0, -math.inf, 0, 0, [], {}, config={
         **saved_config(config), "data_manifest_hash": provenance["data_manifest_hash"]})
