@@ -7,12 +7,21 @@ input's original size, and ``predictions.csv`` (id, attribute value used, file).
 ``--output-format nifti|tiff|png|dicom-seg|rtstruct`` chooses another family; DICOM series
 inputs (a folder or a ``.dcm`` file) default to ``dicom-seg`` (``<id>.seg.dcm``, or
 ``<id>.rtstruct.dcm``), which reference the source series (training.data.dicom).
+
+From Python, :func:`predict` also takes several images at once, an already loaded
+``Segmenter`` (no second load) and a ``should_cancel`` callback: a cancelled run keeps the
+finished label files, lists exactly those in ``predictions.csv`` and raises
+``training.inference.Cancelled`` with ``rows`` (those rows), ``total`` and ``out``. Each
+label file is written under a temporary name and renamed when complete, so no
+half-written output is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cli import add_checkpoint_data_arguments, add_config_argument, parse_with_config
@@ -20,6 +29,19 @@ from .cli import add_checkpoint_data_arguments, add_config_argument, parse_with_
 OUTPUT_FORMATS = {"nifti": ".nii.gz", "tiff": ".tif", "png": ".png",
                   "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 """``--output-format`` choices and the suffix each writes."""
+
+PREDICTIONS_CSV = "predictions.csv"
+CSV_FIELDS = ("id", "attribute_value", "file")
+
+
+def _cancelled(rows: list[dict[str, str]], total: int, out: Path) -> Exception:
+    """``training.inference.Cancelled`` carrying ``rows`` (written), ``total`` and ``out``."""
+    from .inference import Cancelled
+
+    exc = Cancelled(f"cancelled after {len(rows)} of {total} case(s); their label files and "
+                    f"{PREDICTIONS_CSV} are in {out}")
+    exc.rows, exc.total, exc.out = rows, total, out
+    return exc
 
 
 def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Path,
@@ -33,15 +55,38 @@ def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Pa
     if output_format not in (None, *OUTPUT_FORMATS):
         raise ValueError(f"output format {output_format!r}: use one of "
                          f"{', '.join(OUTPUT_FORMATS)}")
-    path = out / f"{case.id}{_planned_suffix(case, output_format)}"
-    if output_format not in ("dicom-seg", "rtstruct"):
-        return write_label(path, labels, meta)
-    from .data.dicom import software_version, write_dicom_seg, write_rtstruct
+    suffix = _planned_suffix(case, output_format)
+    path = out / f"{case.id}{suffix}"
+    partial = out / f".{case.id}.partial-{os.getpid()}{suffix}"  # same suffix: same format
+    try:
+        if output_format not in ("dicom-seg", "rtstruct"):
+            write_label(partial, labels, meta)
+        else:
+            from .data.dicom import software_version, write_dicom_seg, write_rtstruct
 
-    writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
-    return writer(labels, case.image, seg.class_names, path, algorithm_name=checkpoint.stem,
-                  algorithm_version=software_version(), attribute=seg.attribute_name,
-                  attribute_value=result.attribute_value)
+            writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
+            writer(labels, case.image, seg.class_names, partial,
+                   algorithm_name=checkpoint.stem, algorithm_version=software_version(),
+                   attribute=seg.attribute_name, attribute_value=result.attribute_value)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def write_predictions_csv(out: Path, rows: Sequence[dict[str, str]]) -> Path:
+    """``<out>/predictions.csv`` (id, attribute_value, file), replaced in one step."""
+    path = Path(out) / PREDICTIONS_CSV
+    partial = path.with_name(f".{PREDICTIONS_CSV}.partial-{os.getpid()}")
+    try:
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 def _planned_suffix(case, output_format: str | None) -> str:
@@ -87,27 +132,50 @@ def check_outputs_spare_inputs(cases, out: Path, output_format: str | None = Non
 
 
 def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
-            split: str = "test", image: str | Path | None = None,
+            split: str = "test", image: str | Path | Sequence[str | Path] | None = None,
             attribute_value: str | None = None, format: str | None = None,
             device: str = "auto", progress=None, output_format: str | None = None,
-            log=None, allow_changed_data: bool = False) -> list[dict[str, str]]:
-    """Segment a split of a dataset or one image; returns the ``predictions.csv`` rows.
+            log=None, allow_changed_data: bool = False, segmenter=None,
+            should_cancel: Callable[[], bool] | None = None) -> list[dict[str, str]]:
+    """Segment a split of a dataset, or images, into label files; returns the CSV rows.
 
     3D masks are predicted from the volume and its affine and written on the input's grid
     with its affine; ``log(line)`` receives each conversion notice (``"<id>: ..."``).
+
+    Args:
+        image: one image file (or DICOM series folder) or a sequence of them, all segmented
+            as ``attribute_value``; their ids (file stems) must differ.
+        progress: ``progress(done, total)`` after each case is written.
+        segmenter: an already loaded ``training.inference.Segmenter`` of ``checkpoint`` to
+            use instead of loading it again (``checkpoint`` still names the outputs'
+            algorithm and the dataset's recorded split).
+        should_cancel: polled before each case and between 3D windows; True stops the run.
+
+    Raises:
+        training.inference.Cancelled: ``should_cancel`` said so. The finished cases' label
+            files stay, ``predictions.csv`` lists exactly them, the case in progress is not
+            written; the exception's ``rows``, ``total`` and ``out`` say what was written.
     """
     from .data import Case, file_stem, read_image
     from .evaluate import checkpoint_split
-    from .inference import Segmenter
+    from .inference import Cancelled, Segmenter
 
     if (data is None) == (image is None):
         raise ValueError("give either data (a dataset) or image (one file)")
-    seg = Segmenter.from_checkpoint(checkpoint, device=device)
+    seg = segmenter if segmenter is not None else Segmenter.from_checkpoint(checkpoint,
+                                                                            device=device)
     attribute = seg.attribute_name
     if image is not None:
-        case_id = Path(image).name if Path(image).is_dir() else file_stem(image)
-        cases = [Case(id=case_id, image=Path(image), label=None,
-                      attributes={attribute or "attribute": attribute_value or ""})]
+        images = [image] if isinstance(image, (str, os.PathLike)) else list(image)
+        cases, seen = [], {}
+        for path in map(Path, images):
+            case_id = path.name if path.is_dir() else file_stem(path)
+            if case_id in seen:
+                raise ValueError(f"{seen[case_id]} and {path} would both be written as "
+                                 f"{case_id}: rename one of them (nothing was written).")
+            seen[case_id] = path
+            cases.append(Case(id=case_id, image=path, label=None,
+                              attributes={attribute or "attribute": attribute_value or ""}))
     else:
         cases = checkpoint_split(seg, checkpoint, data, split, format=format,
                                  require_labels=False, allow_changed_data=allow_changed_data)
@@ -117,22 +185,31 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
         for line in seg.unseen_values(c.attributes.get(attribute, "") for c in cases):
             (log or print)(line)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, case in enumerate(cases):
-        img, meta = read_image(case.image, case.image_key, spatial_dims=seg.spatial_dims)
-        value = case.attributes.get(attribute, "") if attribute else ""
-        result = seg.segment(img, value or None, channel_axis=0, affine=meta.get("affine"))
-        for line in result.notices if log else ():
-            log(f"{case.id}: {line}")
-        path = _write_prediction(case, result.labels, meta, result, seg, Path(checkpoint), out,
-                                 output_format)
-        rows.append({"id": case.id, "attribute_value": result.attribute_value, "file": path.name})
-        if progress:
-            progress(i + 1, len(cases))
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "attribute_value", "file"])
-        writer.writeheader()
-        writer.writerows(rows)
+    cancel = should_cancel or (lambda: False)
+    rows: list[dict[str, str]] = []
+    try:
+        for i, case in enumerate(cases):
+            if cancel():
+                raise Cancelled(f"cancelled before case {case.id}")
+            img, meta = read_image(case.image, case.image_key, spatial_dims=seg.spatial_dims)
+            value = case.attributes.get(attribute, "") if attribute else ""
+            result = seg.segment(img, value or None, channel_axis=0,
+                                 affine=meta.get("affine"), should_cancel=cancel)
+            for line in result.notices if log else ():
+                log(f"{case.id}: {line}")
+            path = _write_prediction(case, result.labels, meta, result, seg, Path(checkpoint),
+                                     out, output_format)
+            rows.append({"id": case.id, "attribute_value": result.attribute_value,
+                         "file": path.name})
+            if progress:
+                progress(i + 1, len(cases))
+    except Cancelled as exc:
+        write_predictions_csv(out, rows)
+        raise _cancelled(rows, len(cases), out) from exc
+    except Exception:  # a case failed: the CSV still lists the files already written
+        write_predictions_csv(out, rows)
+        raise
+    write_predictions_csv(out, rows)
     return rows
 
 

@@ -1,0 +1,171 @@
+"""training.predict from Python: a given Segmenter (no second load), several images in one
+call, cancel between cases and inside a 3D case (finished files kept, predictions.csv lists
+exactly them, nothing half-written left)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from training.data import make_synthetic_dataset
+from training.inference import Cancelled, Segmenter
+from training.predict import predict
+
+
+def _save(path, model, class_names, attribute, preprocessing):
+    from training.checkpoint import save_checkpoint
+    from training.data import Preprocessing
+
+    save_checkpoint(model, path, class_names=class_names, attribute=attribute,
+                    preprocessing=Preprocessing(**preprocessing).to_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def fundus_ckpt(tmp_path_factory):
+    import torch
+
+    from training.networks import create_model
+
+    torch.manual_seed(0)
+    model = create_model("transunet", preset="tiny", in_channels=1, out_channels=3,
+                         moe="dmoe", num_attributes=3, img_size=32, depth=1)
+    race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
+    return _save(tmp_path_factory.mktemp("ckpt") / "fundus.safetensors", model,
+                 ["background", "rim", "cup"], race,
+                 dict(spatial_dims=2, image_size=(32, 32), in_channels=1))
+
+
+@pytest.fixture(scope="module")
+def ct_ckpt(tmp_path_factory):
+    import torch
+
+    from training.networks import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resunet", preset="tiny", spatial_dims=3, in_channels=1,
+                         out_channels=2, moe="dmoe", num_attributes=4, norm="batch",
+                         channels=(4, 8, 8, 8, 8), final_channels=4)
+    stages = {"name": "t_stage", "vocabulary": ["T1", "T2", "T3", "T4"], "unknown_router": True}
+    return _save(tmp_path_factory.mktemp("ckpt3d") / "ct.safetensors", model,
+                 ["background", "tumour"], stages,
+                 dict(spatial_dims=3, patch_size=(32, 32, 32), intensity="ct_window",
+                      ct_window=(-200.0, 300.0), in_channels=1))
+
+
+@pytest.fixture(scope="module")
+def fundus_data(tmp_path_factory):
+    return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=9, seed=0)
+
+
+@pytest.fixture()
+def no_second_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded again")
+
+    monkeypatch.setattr(Segmenter, "from_checkpoint", classmethod(refuse))
+
+
+def csv_rows(out):
+    return list(csv.DictReader(open(out / "predictions.csv")))
+
+
+def test_given_segmenter_is_used_without_loading_the_checkpoint(fundus_ckpt, fundus_data,
+                                                               tmp_path, no_second_load):
+    from training.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(fundus_ckpt, device="cpu")
+    seg = Segmenter(model, meta, device="cpu")
+    done = []
+    rows = predict(fundus_ckpt, tmp_path, data=fundus_data, split="all", segmenter=seg,
+                   progress=lambda d, t: done.append((d, t)))
+    assert len(rows) == 9 and done[-1] == (9, 9)
+    assert [r["id"] for r in csv_rows(tmp_path)] == [r["id"] for r in rows]
+    assert all((tmp_path / r["file"]).is_file() for r in rows)
+
+
+def test_cancel_after_case_2_keeps_exactly_the_finished_files(fundus_ckpt, fundus_data,
+                                                             tmp_path):
+    done = []
+    with pytest.raises(Cancelled) as info:
+        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all",
+                progress=lambda d, t: done.append(d), should_cancel=lambda: len(done) >= 2)
+    exc = info.value
+    assert len(exc.rows) == 2 and exc.total == 9 and exc.out == tmp_path
+    listed = [r["file"] for r in csv_rows(tmp_path)]
+    assert listed == [r["file"] for r in exc.rows]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*listed, "predictions.csv"])
+    assert "2 of 9" in str(exc)
+
+
+def test_cancel_inside_a_3d_case_writes_no_label_file(ct_ckpt, tmp_path):
+    import nibabel as nib
+
+    src = tmp_path / "in"
+    src.mkdir()
+    volume = np.random.default_rng(0).normal(0, 50, (40, 40, 40)).astype(np.float32)
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(volume, np.diag([0.9, 0.9, 2.5, 1.0])), src / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    polls = []
+
+    def should_cancel():  # polled before each case, before each segment and per window:
+        polls.append(1)  # case a takes windows_of_a + 2 polls, b stops after 2 windows
+        return len(polls) > windows_of_a + 6
+
+    seg = Segmenter.from_checkpoint(ct_ckpt, device="cpu")
+    counted = []
+    seg.segment(volume, progress=lambda d, t: counted.append(t))
+    windows_of_a = counted[-1]
+    assert windows_of_a > 4  # several windows, so the cancel lands inside case b
+    with pytest.raises(Cancelled) as info:
+        predict(ct_ckpt, out, image=[src / "a.nii.gz", src / "b.nii.gz"], segmenter=seg,
+                should_cancel=should_cancel)
+    assert [r["id"] for r in info.value.rows] == ["a"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "predictions.csv"]
+    assert [r["file"] for r in csv_rows(out)] == ["a.nii.gz"]
+    assert isinstance(info.value.__cause__, Cancelled)  # raised between b's windows
+    assert "windows" in str(info.value.__cause__)
+
+
+def test_a_write_that_fails_halfway_leaves_no_partial_file(fundus_ckpt, fundus_data,
+                                                           tmp_path, monkeypatch):
+    import training.data
+
+    real = training.data.write_label
+    calls = []
+
+    def flaky(path, labels, meta=None):
+        calls.append(path)
+        if len(calls) == 3:
+            path.write_bytes(b"half a png")
+            raise OSError("disk full")
+        return real(path, labels, meta)
+
+    monkeypatch.setattr(training.data, "write_label", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
+    listed = [r["file"] for r in csv_rows(tmp_path)]
+    assert len(listed) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*listed, "predictions.csv"])
+
+
+def test_several_images_in_one_call_and_clashing_ids_refused(fundus_ckpt, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.tif"):
+        img = (rng.random((40, 48)) * 255).astype(np.uint8)
+        PILImage.fromarray(img).save(src / name)
+    rows = predict(fundus_ckpt, tmp_path / "out", image=[src / "a.png", src / "b.png"],
+                   attribute_value="Black")
+    assert [(r["id"], r["attribute_value"]) for r in rows] == [("a", "Black"), ("b", "Black")]
+    assert [r["file"] for r in csv_rows(tmp_path / "out")] == ["a.png", "b.png"]
+    (src / "c.tif").rename(src / "a.tif")
+    with pytest.raises(ValueError, match="both be written as a"):
+        predict(fundus_ckpt, tmp_path / "out2", image=[src / "a.png", src / "a.tif"])
+    assert not (tmp_path / "out2").exists()
+
