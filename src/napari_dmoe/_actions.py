@@ -190,12 +190,13 @@ def batch_dialog(widget: Any) -> None:
 
 
 def _run_job(widget: Any, function: Callable[..., Any], *args: Any,
-             done: Callable[[Any], None], **kwargs: Any) -> None:
-    """Run a generator job with the widget's progress bar, Cancel and error display."""
+             done: Callable[[Any], None], unit: str = "window", **kwargs: Any) -> None:
+    """Run a generator job with the widget's progress bar, Cancel and error display;
+    ``unit`` names its progress steps in the status line."""
     import threading
 
     widget._cancel = threading.Event()
-    widget._job = {"slices": False, "done": done}  # dropped when the worker finishes
+    widget._job = {"slices": False, "unit": unit, "done": done}  # dropped when finished
     widget._set_busy(True, "Working…", running=True)
     widget.worker = create_worker(
         function, *args, cancel=widget._cancel, **kwargs,
@@ -207,10 +208,16 @@ def start_batch_folder(widget: Any, source: Path, out: Path) -> None:
     value = widget.attribute_combo.currentText() or _tasks.UNKNOWN
 
     def done(result: _batch.BatchOutput) -> None:
-        verb = "Cancelled after" if result.cancelled else "Wrote"
-        widget._set_status(f"{verb} {len(result.rows)} label file(s) and predictions.csv "
-                           f"to {out}", "#d08770" if result.cancelled else "#a3be8c")
-        widget._sections = {"body": _tables.message(f"Batch: {source} → {out}")}
+        n = len(result.rows)
+        if result.cancelled:
+            of = f" of {result.total}" if result.total is not None else ""
+            text = (f"Cancelled: {n}{of} case(s) written to {out}; predictions.csv lists "
+                    "only those, the rest were not segmented.")
+        else:
+            text = f"Wrote {n} label file(s) and predictions.csv to {out}"
+        widget._set_status(text, "#d08770" if result.cancelled else "#a3be8c")
+        widget._sections = {"body": _tables.message(f"Batch: {source} → {out}")
+                            + (_tables.message(text) if result.cancelled else "")}
         widget._render()
 
     try:
@@ -219,7 +226,8 @@ def start_batch_folder(widget: Any, source: Path, out: Path) -> None:
         widget._report_error(str(exc))
         return
     _run_job(widget, _batch.segment_folder, widget.model_entry.path, source, out, value,
-             device=widget.device_combo.currentText() or "auto", done=done)
+             device=widget.device_combo.currentText() or "auto", segmenter=widget.segmenter,
+             done=done, unit="case")
 
 
 def start_batch_layers(widget: Any) -> None:
@@ -271,7 +279,7 @@ def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test
         widget.routing_figure = show_figure(widget, out / "routing.png")
 
     _run_job(widget, _batch.dataset_routing, widget.model_entry.path, data, out, split,
-             device=widget.device_combo.currentText() or "auto", done=done)
+             device=widget.device_combo.currentText() or "auto", done=done, unit="case")
 
 
 def show_figure(widget: Any, path: Path) -> QDialog:

@@ -1,8 +1,10 @@
 """Batch work for the widget, as generators a Qt worker runs (no Qt here).
 
 - :func:`segment_folder`: a dataset (manifest / FairSeg / HAM10000 folder: every case) or a
-  plain folder of images, segmented through ``training.predict.predict`` (the CLI's code
-  path: label files in the input's format family and ``predictions.csv``).
+  plain folder of images, segmented through one ``training.predict.predict`` call (the
+  CLI's code path: label files in the input's format family and ``predictions.csv``) with
+  the model loaded once; Cancel stops it at the next case or 3D window, keeping the
+  finished files (``predictions.csv`` lists exactly them).
 - :func:`segment_layers`: every open image layer (arrays already in model order).
 - :func:`dataset_routing`: ``training.routing.routing_report`` (JSON + figure).
 
@@ -11,7 +13,6 @@ All yield :class:`_tasks.Progress` and stop at the next item when ``cancel`` is 
 
 from __future__ import annotations
 
-import csv
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +27,11 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".png", ".jpg", ".jpeg", "
 
 @dataclass
 class BatchOutput:
+    """What a batch job finished: ``rows`` (CSV rows or ``(layer, result)``) of ``total``."""
+
     rows: list[Any] = field(default_factory=list)
     cancelled: bool = False
+    total: int | None = None
 
 
 def check_folders(source: Path, out: Path) -> None:
@@ -57,47 +61,52 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def segment_folder(checkpoint: Path, source: Path, out: Path, value: str, *,
-                   device: str = "auto", cancel: threading.Event | None = None,
+                   device: str = "auto", segmenter: Any = None,
+                   cancel: threading.Event | None = None,
                    poll: float = 0.05) -> Generator[_tasks.Progress, None, BatchOutput]:
     """Segment a dataset folder/manifest (all cases, each with its own attribute value) or
-    every image file of a plain folder (all as ``value``) into ``out``."""
+    every image file of a plain folder (all as ``value``) into ``out``.
+
+    ``segmenter``: the widget's already loaded model of ``checkpoint``, used when it runs on
+    ``device`` (otherwise the checkpoint is loaded once, through the plugin's model cache).
+    Progress is per case. On cancel the result has ``cancelled=True`` and the rows of the
+    cases written (``predictions.csv`` lists exactly those).
+    """
     from ._compat import prepare_torch
 
     prepare_torch()
+    from training.inference import Cancelled, resolve_device
     from training.predict import predict
+
+    from ._models import load_segmenter
 
     cancel = cancel or threading.Event()
     check_folders(source if Path(source).is_dir() else Path(source).parent, out)
     yield _tasks.Progress(0, 0, value)
     if is_dataset(source):
-        def whole(progress, should_cancel):
-            return predict(checkpoint, out, data=source, split="all", device=device,
-                           progress=progress)
+        inputs: dict[str, Any] = {"data": source, "split": "all"}
+        label = "each case's own value"
+    else:
+        files = image_files(source)
+        if not files:
+            raise ValueError(f"{source} holds no image files ({', '.join(IMAGE_SUFFIXES)}) "
+                             "and no manifest.csv; choose another folder.")
+        inputs = {"image": files, "attribute_value": None if value == _tasks.UNKNOWN else value}
+        label = value
 
-        rows = yield from _tasks.run_in_thread(whole, cancel, "dataset", 1, 1, poll)
-        return BatchOutput(list(rows))
-    files = image_files(source)
-    if not files:
-        raise ValueError(f"{source} holds no image files ({', '.join(IMAGE_SUFFIXES)}) and "
-                         "no manifest.csv; choose another folder.")
-    attribute_value = None if value == _tasks.UNKNOWN else value
+    def call(progress, should_cancel):
+        seg = segmenter
+        if seg is None or seg.device != resolve_device(device):
+            seg = load_segmenter(checkpoint, device)
+        return predict(checkpoint, out, device=device, progress=progress, segmenter=seg,
+                       should_cancel=should_cancel, **inputs)
 
-    def each(progress, should_cancel):
-        rows = []
-        for i, path in enumerate(files):
-            if should_cancel():
-                break
-            rows += predict(checkpoint, out, image=path, attribute_value=attribute_value,
-                            device=device)
-            progress(i + 1, len(files))
-        return rows
-
-    rows = yield from _tasks.run_in_thread(each, cancel, value, 1, 1, poll)
-    with open(Path(out) / "predictions.csv", "w", newline="") as f:  # all files, not the last
-        writer = csv.DictWriter(f, fieldnames=["id", "attribute_value", "file"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return BatchOutput(rows, cancelled=len(rows) < len(files))
+    try:
+        rows = yield from _tasks.run_in_thread(call, cancel, label, 1, 1, poll)
+    except Cancelled as exc:
+        return BatchOutput(list(getattr(exc, "rows", [])), cancelled=True,
+                           total=getattr(exc, "total", None))
+    return BatchOutput(list(rows), total=len(rows))
 
 
 def segment_layers(segmenter: Any, jobs: Sequence[tuple[Any, Any, int | None, str]], *,

@@ -514,7 +514,7 @@ class DMoEWidget(TruthMixin, ShutdownMixin, QWidget):
         done = (p.run - 1) * p.total + p.done
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(done)
-        unit = "slice" if self._job.get("slices") else "window"
+        unit = "slice" if self._job.get("slices") else self._job.get("unit", "window")
         steps = f" · {unit} {p.done}/{p.total}" if p.total > 1 else ""
         runs = f" ({p.run}/{p.runs})" if p.runs > 1 else ""
         if not self._cancel.is_set():
