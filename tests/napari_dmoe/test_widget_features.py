@@ -225,3 +225,41 @@ def test_dataset_routing_figure_in_a_dialog(open_widget, qtbot, tmp_path):  # no
     qtbot.wait(300)
     dialog.grab().save(str(tmp_path / "dialog.png"))
     dialog.close()
+
+
+def test_batch_dataset_cancel_says_how_many_cases_were_written(open_widget, qtbot,  # noqa: F811
+                                                              tmp_path, monkeypatch):
+    import time
+
+    from training.data import make_synthetic_dataset
+    from training.inference import Segmenter
+
+    data = make_synthetic_dataset("ct", tmp_path / "ct", n=12, seed=0).parent
+    viewer, widget = open_widget(None, model="ct")
+    loads = []
+    real = Segmenter.from_checkpoint.__func__
+    monkeypatch.setattr(Segmenter, "from_checkpoint", classmethod(
+        lambda cls, path, device="auto": loads.append(path) or real(cls, path, device)))
+    out = tmp_path / "out"
+    _actions.start_batch_folder(widget, data, out)
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 2, timeout=TIMEOUT)
+    during = widget.status.text()
+    start = time.perf_counter()
+    widget.cancel_button.click()
+    wait_idle(qtbot, widget, timeout=5000)
+    idle = time.perf_counter() - start
+    print(f"Batch… Cancel -> idle in {idle:.2f} s; status while running: {during!r}")
+    assert idle < 2.0
+    assert "case" in during and "window" not in during
+    assert loads == []  # the widget's loaded model was used
+    assert widget.batch_button.isEnabled() and widget.model_combo.isEnabled()
+    assert not widget.cancel_button.isEnabled() and not widget.progress_bar.isVisible()
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert 2 <= len(rows) < 12
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(r["file"] for r in rows), "predictions.csv"])
+    text = widget.status.text()
+    assert text.startswith(f"Cancelled: {len(rows)} of 12 case(s) written to {out}")
+    assert "Wrote" not in text and "Done" not in text
+    assert f"{len(rows)} of 12" in widget.results.toPlainText()
+    shot(viewer, qtbot, "batch_cancelled.png")
