@@ -216,8 +216,13 @@ def start_batch_folder(widget: Any, source: Path, out: Path) -> None:
         else:
             text = f"Wrote {n} label file(s) and predictions.csv to {out}"
         widget._set_status(text, "#d08770" if result.cancelled else "#a3be8c")
-        widget._sections = {"body": _tables.message(f"Batch: {source} → {out}")
-                            + (_tables.message(text) if result.cancelled else "")}
+        body = _tables.message(f"Batch: {source} → {out}")
+        if result.cancelled:
+            names = [r["file"] for r in result.rows]
+            shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+            body += _tables.message(f"Written ({n}{of}): {shown or 'none'}.")
+            body += _tables.message("Batch… again segments every case from the start.")
+        widget._sections = {"body": body}
         widget._render()
 
     try:

@@ -261,5 +261,5 @@ def test_batch_dataset_cancel_says_how_many_cases_were_written(open_widget, qtbo
     text = widget.status.text()
     assert text.startswith(f"Cancelled: {len(rows)} of 12 case(s) written to {out}")
     assert "Wrote" not in text and "Done" not in text
-    assert f"{len(rows)} of 12" in widget.results.toPlainText()
+    assert f"Written ({len(rows)} of 12): {rows[0]['file']}" in widget.results.toPlainText()
     shot(viewer, qtbot, "batch_cancelled.png")
