@@ -413,7 +413,9 @@ def test_group_losses_two_processes_equal_one_process_fast(parity):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["--arch", "separate", "--moe", "none"],
-                                    ["--loss", "adv", "--moe", "none"]], ids=["separate", "adv"])
+                                    ["--loss", "adv", "--moe", "none", "--protocol", "paper",
+                                     "--dice", "monai", "--center-crop", "64"]],
+                         ids=["separate", "adv"])
 def test_two_process_fit_separate_and_adv_run_through(method, tmp_path):
     """training.fit under 2 ranks for the two methods with their own DDP code paths. With
     2 samples per rank and 3 groups, every rank's every batch lacks a group (separate: a
@@ -428,3 +430,7 @@ def test_two_process_fit_separate_and_adv_run_through(method, tmp_path):
     assert meta["provenance"]["epochs"] == 2
     if "separate" in method:
         assert model.model_name == "separate" and len(model.backbones) == 3
+    else:  # rank 0 logs what --protocol applied and which explicit flags overrode it
+        assert proc.stdout.count("--protocol paper: applied intensity='scale255'") == 1
+        assert ("explicit flags override it: --dice 'monai' (protocol: 'reference'), "
+                "--center-crop 64 (protocol: 512)") in proc.stdout
