@@ -80,3 +80,24 @@ def test_adv_needs_a_bottleneck():
                        num_attributes=2, backbone_kwargs={"img_size": 32})
     with pytest.raises(ValueError, match="bottleneck"):
         bottleneck_module(sep)
+
+
+def test_discriminator_gets_a_gradient_even_without_known_samples():
+    """Every sample passes the discriminator (unknown ones with weight 0): a batch of only
+    unknown attributes gives a zero term but still a (zero) gradient for every
+    discriminator parameter, so under DDP its gradient all-reduce runs on every rank."""
+    loss = AdversarialLoss(K, 3, in_features=8, weight=1.0)
+    feats = torch.randn(4, 8, requires_grad=True)
+    value = loss.attribute_loss(feats, torch.tensor([-1, -1, -1, -1]))
+    assert value.item() == 0.0
+    value.backward()
+    for p in loss.discriminator.parameters():
+        assert p.grad is not None and p.grad.abs().sum() == 0
+    assert feats.grad.abs().sum() == 0
+    # with known samples: the balanced CE equals F.cross_entropy's weighted mean over them
+    groups = torch.tensor([0, -1, 2, 2])
+    logits = loss.discriminator(feats)
+    cw = torch.tensor([1.0, 1.0, 0.5])  # n / (G·n_g): n = 3 known, n_g = 1, 0 (as 1), 2
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2, 3]], groups[[0, 2, 3]],
+                                                 weight=cw)
+    assert loss.attribute_loss(feats, groups).item() == pytest.approx(expected.item(), rel=1e-6)

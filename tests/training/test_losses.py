@@ -213,3 +213,21 @@ def test_groupdro_all_unknown_is_dicece_and_keeps_q():
     dicece = build_loss("dicece", num_classes=K, num_groups=2)(logits, target, unknown)
     assert value.item() == pytest.approx(dicece.item(), rel=1e-5)
     assert loss_fn.q.tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_groupdro_pools_its_statistics_in_one_all_reduce(monkeypatch):
+    """GroupDRO's group sums, counts and unknown sum/count travel as one stacked tensor:
+    one ``global_sum`` (one all-reduce under DDP) per step, not four."""
+    import training.losses as losses
+
+    calls = []
+
+    def counting(t):
+        calls.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(losses, "global_sum", counting)
+    loss = build_loss("groupdro", num_classes=3, num_groups=4).train()
+    logits = torch.randn(5, 3, 6, 6, requires_grad=True)
+    loss(logits, torch.randint(0, 3, (5, 6, 6)), torch.tensor([0, 1, -1, 3, 1]))
+    assert calls == [(2 * 4 + 2,)]
