@@ -20,6 +20,11 @@ ResUNet — the output of the last encoder stage ``(B, C, *S)``; both mean-poole
 ``n / (G · n_g)`` from the training-set counts ``group_counts`` (or from the batch when not
 given), so the rare groups count as much as the majority. Unknown samples (−1) are left
 out of the adversarial term.
+
+Under DistributedDataParallel the discriminator (outside the DDP wrapper) has its gradients
+averaged by hooks, and the balanced CE is a weighted mean over the *global* batch, so N
+processes train the network and the discriminator as one process with the N batches
+(tested in ``tests/training/test_distributed.py``).
 """
 
 from __future__ import annotations
