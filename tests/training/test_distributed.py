@@ -344,14 +344,16 @@ _PARITY_WORKER = """
                        "per_group": [flat(b.parameters())[:50] for b in sep.backbones]}
     # group losses on a 1-layer net (rank 0 of 2 sees no group 2)
     groups = torch.tensor([0, 0, 0, 0, 1, 2, 0, 1])
-    for name, kw in [("groupdro", {"eta": 0.5}), ("febs", {})]:
+    for name, kw in [("groupdro", {"eta": 0.5}), ("febs", {}), ("febs", {"missing": "present"}),
+                     ("dicece", {"dice": "reference"})]:
         torch.manual_seed(1)
         conv = torch.nn.Conv2d(1, K, 3, padding=1)
         model = DDP(conv) if info.distributed else conv
         loss_fn = build_loss(name, num_classes=K, num_groups=3, **kw).train()
         values = train(lambda x, a: model(x), loss_fn, conv.parameters(), [groups] * 3)
-        out[name] = {"values": values, "model": flat(conv.parameters()),
-                     "q": loss_fn.q.tolist() if hasattr(loss_fn, "q") else None}
+        key = name + "".join(f" {v}" for v in kw.values())
+        out[key] = {"values": values, "model": flat(conv.parameters()),
+                    "q": loss_fn.q.tolist() if hasattr(loss_fn, "q") else None}
     Path(sys.argv[0]).with_name(f"{sys.argv[1]}{info.rank}.json").write_text(json.dumps(out))
     teardown_distributed()
     if info.distributed:  # a rank process: skip the interpreter's shutdown (~9 s measured)
@@ -401,9 +403,10 @@ def test_separate_two_processes_with_absent_groups_equal_one_process(parity):
 
 
 def test_group_losses_two_processes_equal_one_process_fast(parity):
-    """GroupDRO (and its q) and FEBS with a group absent from one rank: 2 ranks = 1 process."""
+    """GroupDRO (and its q), FEBS (both missing-group modes) and the batch-pooled reference
+    Dice with a group absent from one rank: 2 ranks train as 1 process."""
     single, ranks = parity
-    for key in ("groupdro", "febs"):
+    for key in ("groupdro 0.5", "febs", "febs present", "dicece reference"):
         assert single[key]["values"][0] != single[key]["values"][-1]
         for ddp in ranks:
             _same(ddp[key]["model"], single[key]["model"], key)
