@@ -185,7 +185,8 @@ def _run(config: FitConfig, info) -> FitResult:
         "class_names": class_names,
         "attribute": {"name": attribute, "vocabulary": vocabulary,
                       "unknown_router": config.moe == "dmoe",
-                      "routing": "sum" if config.summed_routing else "combination"},
+                      # summed intersectional routing; absent = one router per value
+                      **({"routing": "sum"} if config.summed_routing else {})},
         "preprocessing": pre.to_dict(),
         "description": config.description or f"{config.arch}/{config.preset} {config.moe} "
                                               f"trained on {Path(config.data).name}",
