@@ -156,7 +156,8 @@ def _records(rng, shift=0.0):
 def test_benchmark_summary_has_single_attribute_aggregates():
     import numpy as np
 
-    from training.benchmark import summarise, summary_markdown
+    from training.benchmark import summarise
+    from training.benchmark_report import summary_markdown
 
     rng = np.random.default_rng(0)
     cost = {"gflops": 0.1, "params": 10, "best_epoch": 1}
