@@ -5,18 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.networks.blocks import experts
+from training.networks.blocks import expert_dispatch, experts
 from training.networks.blocks.experts import DENSE_MAX_UNITS, ExpertBank
 from training.networks.blocks.routing import AttributeRouterBank
 
 from ._reference import reference_experts
 
 
-@pytest.fixture(params=["keep-hidden", "recompute-hidden"])
+@pytest.fixture(autouse=True)
+def fused_by_default(monkeypatch):
+    """The inputs here are small, which ``path="auto"`` would run densely: test the fused
+    path unless a test asks for another (``hidden_mode`` "dense", or ``path=`` given)."""
+    monkeypatch.setattr(experts, "DENSE_MAX_UNITS", -1)
+
+
+@pytest.fixture(params=["keep-hidden", "recompute-hidden", "dense"])
 def hidden_mode(request, monkeypatch):
-    """Run with stored hidden activations (small inputs) and with recomputation (large)."""
+    """The fused path with stored hidden activations (small inputs) and with recomputation
+    (large), and the dense path (few tokens)."""
     if request.param == "recompute-hidden":
-        monkeypatch.setattr(experts, "KEEP_HIDDEN_BYTES", 0)
+        monkeypatch.setattr(expert_dispatch, "KEEP_HIDDEN_BYTES", 0)
+    if request.param == "dense":
+        monkeypatch.setattr(experts, "DENSE_MAX_UNITS", 2**62)
     return request.param
 
 
@@ -145,7 +155,8 @@ def test_bad_arguments_raise():
         bank.select_path(x, "magic")
 
 
-def test_cpu_selects_dense_for_few_tokens_and_fused_for_many():
+def test_cpu_selects_dense_for_few_tokens_and_fused_for_many(monkeypatch):
+    monkeypatch.setattr(experts, "DENSE_MAX_UNITS", DENSE_MAX_UNITS)  # the real threshold
     bank = ExpertBank(8)  # 8 experts of hidden width 32
     assert bank.select_path(torch.randn(2, 8)) == "dense"
     assert bank.select_path(torch.randn(DENSE_MAX_UNITS // 256, 8)) == "dense"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.networks import UNKNOWN_ATTRIBUTE, DMoE
-from training.networks.blocks import experts
+from training.networks.blocks import expert_dispatch, experts
 
 from ._reference import reference_dmoe
 
@@ -19,11 +19,21 @@ def _layer(C=16, E=8, k=2, A=3, seed=0, **kw) -> DMoE:
     return layer
 
 
-@pytest.fixture(params=["keep-hidden", "recompute-hidden"])
+@pytest.fixture(autouse=True)
+def fused_by_default(monkeypatch):
+    """The inputs here are small, which ``path="auto"`` would run densely: test the fused
+    path unless a test asks for another (``hidden_mode`` "dense", or ``path=`` given)."""
+    monkeypatch.setattr(experts, "DENSE_MAX_UNITS", -1)
+
+
+@pytest.fixture(params=["keep-hidden", "recompute-hidden", "dense"])
 def hidden_mode(request, monkeypatch):
-    """Run with stored hidden activations (small inputs) and with recomputation (large)."""
+    """The fused path with stored hidden activations (small inputs) and with recomputation
+    (large), and the dense path (few tokens)."""
     if request.param == "recompute-hidden":
-        monkeypatch.setattr(experts, "KEEP_HIDDEN_BYTES", 0)
+        monkeypatch.setattr(expert_dispatch, "KEEP_HIDDEN_BYTES", 0)
+    if request.param == "dense":
+        monkeypatch.setattr(experts, "DENSE_MAX_UNITS", 2**62)
     return request.param
 
 
