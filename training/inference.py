@@ -229,6 +229,9 @@ class Segmenter:
         for value in dict.fromkeys(v for v in values if v not in (None, "", UNKNOWN)):
             if value in self.vocabulary:
                 continue
+            if "," in (self.attribute_name or ""):
+                lines.append(self._unseen_combination(str(value)))
+                continue
             close = lowered.get(str(value).strip().lower()) or next(iter(
                 difflib.get_close_matches(str(value), self.vocabulary, n=1, cutoff=0.6)), None)
             hint = f"; did you mean {close!r}?" if close else ""
@@ -236,6 +239,39 @@ class Segmenter:
                          f"training (known: {', '.join(self.vocabulary)}); it is routed as "
                          f"unknown{hint}")
         return lines
+
+    def _unseen_combination(self, value: str) -> str:
+        """The warning for an intersectional value (``"Black|female"`` of ``race,gender``)
+        outside the vocabulary: which part is unknown (with a close match of that part), or
+        that only the combination is new. Whole-string close matches would point at another
+        group (``"Black|male"`` for ``"Black|female"``)."""
+        import difflib
+
+        from .data import COMBINATION_SEPARATOR
+
+        names = [n.strip() for n in self.attribute_name.split(",")]
+        known = [sorted({v.split(COMBINATION_SEPARATOR)[i] for v in self.vocabulary})
+                 for i in range(len(names))]
+        parts = value.split(COMBINATION_SEPARATOR)
+        head = (f"warning: {self.attribute_name} value {value!r} was never seen in training; "
+                "it is routed as unknown")
+        if len(parts) != len(names):
+            return (f"{head} (give one value per attribute, joined by "
+                    f"{COMBINATION_SEPARATOR!r}, e.g. {self.vocabulary[0]!r})")
+        problems = []
+        for name, part, seen in zip(names, parts, known, strict=True):
+            if part in seen:
+                continue
+            lowered = {v.lower(): v for v in seen}
+            close = lowered.get(part.strip().lower()) or next(iter(
+                difflib.get_close_matches(part, seen, n=1, cutoff=0.6)), None)
+            hint = f", did you mean {close!r}?" if close else ""
+            problems.append(f"{name} {part!r} is not a known value (known: "
+                            f"{', '.join(seen)}){hint}")
+        if problems:
+            return f"{head}: " + "; ".join(problems)
+        return (f"{head}: each of its values was seen, but not this combination (known "
+                f"combinations: {', '.join(self.vocabulary)})")
 
     # -- input checks ---------------------------------------------------------------------
     def _channels_first(self, image: np.ndarray, channel_axis: int | None) -> np.ndarray:

@@ -303,6 +303,20 @@ def test_unseen_or_miscased_attribute_value_warns_with_the_close_match(tmp_path)
     assert "'Martian'" in lines[1] and "unknown" in lines[1]
 
 
+def test_unseen_combination_names_the_unknown_part_not_another_group(tmp_path):
+    from training.inference import Segmenter
+
+    seg = Segmenter.from_checkpoint(_checkpoint(tmp_path / "m.safetensors"), device="cpu")
+    # as a checkpoint trained with --attribute race,gender (one router per combination)
+    seg.attribute_name = "race,gender"
+    seg.vocabulary = ["Asian|male", "Black|male", "White|female", "White|male"]
+    new, miscased, wrong_shape = seg.unseen_values(["Black|female", "black|male", "Black"])
+    assert "not this combination" in new and "did you mean" not in new  # not 'Black|male'
+    assert "race 'black' is not a known value" in miscased
+    assert "did you mean 'Black'" in miscased and "gender 'male'" not in miscased
+    assert "one value per attribute" in wrong_shape and "routed as unknown" in wrong_shape
+
+
 def test_predict_warns_on_the_console_about_an_unseen_value(tmp_path, capsys):
     from training import predict as predict_cli
 

@@ -21,6 +21,7 @@ _EXPORTS = {
     "build_vocabulary": "cases",
     "combine_attributes": "cases",
     "split_combination": "cases",
+    "COMBINATION_SEPARATOR": "cases",
     "detect_format": "cases",
     "encode_attribute": "cases",
     "load_cases": "cases",
