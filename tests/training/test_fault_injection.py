@@ -30,6 +30,19 @@ FAST = ["--attribute", "race", "--classes", "background,rim,cup", "--image-size"
 EPOCHS = 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run of this module on one thread, as the killed subprocesses (OMP_NUM_THREADS=1):
+    resume is exact for the same thread count; with another, products sum in another order
+    (MKL splits the reduction of weight gradients) and rounding differences grow."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=20, seed=5)
