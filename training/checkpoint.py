@@ -113,11 +113,13 @@ def temp_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP_NAME.match(p.name))
 
 
-def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, write, temp_suffix: str = TEMP_SUFFIX) -> Path:
     """Call ``write(tmp_path)`` then move the file into place (same folder, ``os.replace``).
 
     A crash at any instant leaves either the old file or the new one, never a torn file
     (a killed write leaves a ``.<name>.XXXXXXXX.tmp`` file, see :func:`temp_files`).
+    ``temp_suffix``: the temporary file's suffix, e.g. ``".nii.gz"`` for writers that pick
+    the format from the file name (such temporary files are not listed by ``temp_files``).
 
     Raises:
         CheckpointWriteError: the write failed (e.g. no space left on the device); the
@@ -125,7 +127,7 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=temp_suffix, dir=path.parent)
     os.close(fd)
     try:
         try:

@@ -55,38 +55,36 @@ def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Pa
     if output_format not in (None, *OUTPUT_FORMATS):
         raise ValueError(f"output format {output_format!r}: use one of "
                          f"{', '.join(OUTPUT_FORMATS)}")
+    from .checkpoint import atomic_write_bytes
+
     suffix = _planned_suffix(case, output_format)
-    path = out / f"{case.id}{suffix}"
-    partial = out / f".{case.id}.partial-{os.getpid()}{suffix}"  # same suffix: same format
-    try:
+
+    def write(tmp: str) -> None:  # the writers pick the format from the suffix
+        partial = Path(tmp)
         if output_format not in ("dicom-seg", "rtstruct"):
             write_label(partial, labels, meta)
-        else:
-            from .data.dicom import software_version, write_dicom_seg, write_rtstruct
+            return
+        from .data.dicom import software_version, write_dicom_seg, write_rtstruct
 
-            writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
-            writer(labels, case.image, seg.class_names, partial,
-                   algorithm_name=checkpoint.stem, algorithm_version=software_version(),
-                   attribute=seg.attribute_name, attribute_value=result.attribute_value)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+        writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
+        writer(labels, case.image, seg.class_names, partial, algorithm_name=checkpoint.stem,
+               algorithm_version=software_version(), attribute=seg.attribute_name,
+               attribute_value=result.attribute_value)
+
+    return atomic_write_bytes(out / f"{case.id}{suffix}", write, temp_suffix=suffix)
 
 
 def write_predictions_csv(out: Path, rows: Sequence[dict[str, str]]) -> Path:
     """``<out>/predictions.csv`` (id, attribute_value, file), replaced in one step."""
-    path = Path(out) / PREDICTIONS_CSV
-    partial = path.with_name(f".{PREDICTIONS_CSV}.partial-{os.getpid()}")
-    try:
+    from .checkpoint import atomic_write_bytes
+
+    def write(partial: str) -> None:
         with open(partial, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+
+    return atomic_write_bytes(Path(out) / PREDICTIONS_CSV, write)
 
 
 def _planned_suffix(case, output_format: str | None) -> str:
@@ -231,6 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
     args = parse_with_config(parser, argv, required=("checkpoint", "out"))
     if bool(args.data) == bool(args.image):
         parser.error("give exactly one of --data or --image")
+    from .checkpoint import CheckpointWriteError
     from .data import DataError
 
     try:
@@ -241,6 +240,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
                        allow_changed_data=args.allow_changed_data)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    except CheckpointWriteError as exc:  # disk full, read-only folder: the message says which
+        parser.exit(4, f"error: {exc}\n")
     print(f"wrote {len(rows)} label file(s) and predictions.csv to {args.out}")
     return rows
 
