@@ -234,3 +234,25 @@ def test_grouped_path_runs_forced_on_cpu():
         pytest.skip(f"grouped_mm has no CPU kernel here: {err}")
     for position in ("hidden", "output"):
         _compare_paths("cpu", position)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.1, 0.3])
+def test_draw_keep_is_a_bernoulli_process(p):
+    """The geometric-gap draw (large CPU masks): the drop rate is p, and a unit's decision
+    does not depend on its neighbour's."""
+    torch.manual_seed(0)
+    keep = expert_dispatch.draw_keep(torch.empty(50_000, 32, dtype=torch.bool), p)
+    dropped = ~keep.view(-1)
+    n = dropped.numel()
+    rate = dropped.float().mean().item()
+    assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-12
+    if p > 0:
+        after_drop = dropped[1:][dropped[:-1]].float().mean().item()
+        assert abs(after_drop - p) < 5 * (p * (1 - p) / (n * p)) ** 0.5
+        assert not dropped[-5000:].all() and dropped[-5000:].any()  # the tail is decided too
+
+
+def test_draw_keep_small_masks_use_random_bits():
+    torch.manual_seed(0)
+    keep = expert_dispatch.draw_keep(torch.empty(30, 100, dtype=torch.bool), 0.25)
+    assert abs((~keep).float().mean().item() - 0.25) < 0.05
