@@ -47,18 +47,25 @@ def softmax_top(top: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sigmoid(diff), torch.sigmoid(-diff)], dim=-1)
 
 
+ELEMENTWISE_MIN_TOKENS = 4096
+"""Below this many tokens :func:`top_k_experts` calls ``torch.topk``."""
+
+
 def top_k_experts(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest logits per token and their experts, best first, in expert-major
     layout: ``logits (B, E, N)`` → values and long indices ``(B, k, N)``.
 
-    float32 (and float16/bfloat16, compared as float32) with ``k <= 2``: a running top-2 by
-    elementwise max/min over the E rows of exact integer keys (the float's order-preserving
-    int32 image, times E, plus ``E - 1 - e``, in int64), about 2.5x faster than
-    ``torch.topk`` over an axis of 8 on CPU. Same selection and order as ``topk`` wherever
-    the values differ; equal values go to the lower expert index. Otherwise ``torch.topk``.
+    float32 (and float16/bfloat16, compared as float32) with ``k <= 2`` and at least
+    ``ELEMENTWISE_MIN_TOKENS`` tokens: a running top-2 by elementwise max/min over the E rows
+    of exact integer keys (the float's order-preserving int32 image, times E, plus
+    ``E - 1 - e``, in int64), about 2.5x faster than ``torch.topk`` over an axis of 8 on
+    CPU. Same selection and order as ``topk`` wherever the values differ; equal values go
+    to the lower expert index. Otherwise ``torch.topk`` (one op instead of ~30: faster for
+    few tokens).
     """
     B, E, N = logits.shape
-    if k > 2 or logits.dtype == torch.float64 or not logits.is_floating_point():
+    if (k > 2 or logits.dtype == torch.float64 or not logits.is_floating_point()
+            or B * N < ELEMENTWISE_MIN_TOKENS):
         values, indices = logits.topk(k, dim=1)
         return values, indices
     bits = logits.float().contiguous().view(torch.int32)

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from training.networks import DMoE
+from training.networks.blocks import noisy_top_k as noisy_top_k_module
 from training.networks.blocks.noisy_top_k import noisy_top_k, top_k_experts
+
+
+@pytest.fixture(autouse=True)
+def elementwise_top_k(monkeypatch):
+    """The inputs here are small: test the elementwise top-k that large inputs take."""
+    monkeypatch.setattr(noisy_top_k_module, "ELEMENTWISE_MIN_TOKENS", 0)
 
 
 def _reference(x, weight, bias, k, noise):
@@ -55,14 +62,16 @@ def test_draws_fresh_noise_from_the_default_generator():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_top_k_experts_equals_topk_on_distinct_values(k):
+def test_top_k_experts_equals_topk_on_distinct_values(k, monkeypatch):
     torch.manual_seed(0)
     logits = torch.randn(4, 8, 5000)
     logits[0, :, :10] = -logits[0, :, :10].abs()  # all negative: the sign flip of the keys
-    values, indices = top_k_experts(logits, k)
     want_values, want_indices = logits.topk(k, dim=1)
-    assert torch.equal(indices, want_indices)
-    assert torch.equal(values, want_values)
+    for min_tokens in (0, 10**9):  # elementwise, and torch.topk
+        monkeypatch.setattr(noisy_top_k_module, "ELEMENTWISE_MIN_TOKENS", min_tokens)
+        values, indices = top_k_experts(logits, k)
+        assert torch.equal(indices, want_indices)
+        assert torch.equal(values, want_values)
 
 
 def test_top_k_experts_breaks_ties_by_the_lower_index():
