@@ -242,8 +242,8 @@ class _SparseExperts(torch.autograd.Function):
         rows, width = plan.order.numel(), (w1.shape[2] if position == "hidden" else x.shape[1])
         scale = 1.0 / (1.0 - p) if p > 0 else 1.0
         draw = p > 0 and mask is None
-        if draw:
-            mask = draw_keep(torch.empty(rows, width, dtype=torch.bool, device=x.device), p)
+        if draw:  # drawn chunk by chunk below: the draw's temporaries stay small
+            mask = torch.empty(rows, width, dtype=torch.bool, device=x.device)
         y_rows = x.new_empty(rows, x.shape[1])  # expert outputs before the gate
         # Small inputs (2D shapes) keep the hidden activations: the backward pass then
         # skips recomputing them. Large ones (3D maps) recompute, keeping memory O(T*C).
@@ -251,6 +251,8 @@ class _SparseExperts(torch.autograd.Function):
         kept = []
         for (e, lo, hi), tok in zip(plan.chunks, plan.tokens):
             n = hi - lo
+            if draw:
+                draw_keep(mask[lo:hi], p)
             xs = _rows(x, tok)
             h = _linear(xs, w1[e].T, b1[e], relu=True)  # (padded n, H)
             y = y_rows[lo:hi]
