@@ -116,7 +116,8 @@ def test_router_training_path_equals_its_plain_autograd_path(router_bias):
         xi = x.clone().requires_grad_()
         out = layer.router(xi, attr, noise=noise)
         (out.gates * upstream).sum().backward()
-        grads.append((out.indices, out.gates, xi.grad, *(p.grad for p in layer.router.parameters())))
+        router_grads = [p.grad for p in layer.router.parameters()]
+        grads.append((out.indices, out.gates, xi.grad, *router_grads))
     assert torch.equal(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1:], grads[1][1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
