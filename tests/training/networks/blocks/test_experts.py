@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.networks.blocks import expert_dispatch, experts
-from training.networks.blocks.experts import DENSE_MAX_UNITS, ExpertBank
+from training.networks.blocks.experts import PADDED_MAX_UNITS, ExpertBank
 from training.networks.blocks.routing import AttributeRouterBank
 
 from ._reference import reference_experts
@@ -14,19 +14,19 @@ from ._reference import reference_experts
 
 @pytest.fixture(autouse=True)
 def fused_by_default(monkeypatch):
-    """The inputs here are small, which ``path="auto"`` would run densely: test the fused
-    path unless a test asks for another (``hidden_mode`` "dense", or ``path=`` given)."""
-    monkeypatch.setattr(experts, "DENSE_MAX_UNITS", -1)
+    """The inputs here are small, which ``path="auto"`` would run padded: test the fused
+    path unless a test asks for another (``hidden_mode`` "padded", or ``path=`` given)."""
+    monkeypatch.setattr(experts, "PADDED_MAX_UNITS", -1)
 
 
-@pytest.fixture(params=["keep-hidden", "recompute-hidden", "dense"])
+@pytest.fixture(params=["keep-hidden", "recompute-hidden", "padded"])
 def hidden_mode(request, monkeypatch):
     """The fused path with stored hidden activations (small inputs) and with recomputation
-    (large), and the dense path (few tokens)."""
+    (large), and the padded path (few tokens)."""
     if request.param == "recompute-hidden":
         monkeypatch.setattr(expert_dispatch, "KEEP_HIDDEN_BYTES", 0)
-    if request.param == "dense":
-        monkeypatch.setattr(experts, "DENSE_MAX_UNITS", 2**62)
+    if request.param == "padded":
+        monkeypatch.setattr(experts, "PADDED_MAX_UNITS", 2**62)
     return request.param
 
 
@@ -155,16 +155,16 @@ def test_bad_arguments_raise():
         bank.select_path(x, "magic")
 
 
-def test_cpu_selects_dense_for_few_tokens_and_fused_for_many(monkeypatch):
-    monkeypatch.setattr(experts, "DENSE_MAX_UNITS", DENSE_MAX_UNITS)  # the real threshold
+def test_cpu_selects_padded_for_few_tokens_and_fused_for_many(monkeypatch):
+    monkeypatch.setattr(experts, "PADDED_MAX_UNITS", PADDED_MAX_UNITS)  # the real threshold
     bank = ExpertBank(8)  # 8 experts of hidden width 32
-    assert bank.select_path(torch.randn(2, 8)) == "dense"
-    assert bank.select_path(torch.randn(DENSE_MAX_UNITS // 256, 8)) == "dense"
-    assert bank.select_path(torch.randn(DENSE_MAX_UNITS // 256 + 1, 8)) == "fused"
+    assert bank.select_path(torch.randn(2, 8)) == "padded"
+    assert bank.select_path(torch.randn(PADDED_MAX_UNITS // 256, 8)) == "padded"
+    assert bank.select_path(torch.randn(PADDED_MAX_UNITS // 256 + 1, 8)) == "fused"
 
 
 @pytest.mark.parametrize("position", ["hidden", "output"])
-def test_dense_path_equals_fused_path(position):
+def test_padded_path_equals_fused_path(position):
     torch.manual_seed(0)
     T, C, E, k = 64, 16, 8, 2
     bank = ExpertBank(C, num_experts=E, dropout=0.2, dropout_position=position).train()
@@ -173,26 +173,26 @@ def test_dense_path_equals_fused_path(position):
     gates = torch.softmax(torch.randn(T, k), -1).requires_grad_()
     keep = torch.rand(T, k, bank.dropout_width) >= 0.2
     results = []
-    for path in ("fused", "dense"):
+    for path in ("fused", "padded"):
         y = bank(x, indices, gates, dropout_mask=keep, path=path)
         params = [x, gates, bank.w1, bank.b1, bank.w2, bank.b2]
         results.append([y, *torch.autograd.grad(y.square().sum(), params)])
-    for dense, fused in zip(results[1], results[0]):
-        torch.testing.assert_close(dense, fused, rtol=1e-5, atol=1e-5)
+    for padded, fused in zip(results[1], results[0]):
+        torch.testing.assert_close(padded, fused, rtol=1e-5, atol=1e-5)
     unused = sorted(set(range(E)) - set(indices.flatten().tolist()))
     for e in unused:  # experts no token chose get exactly zero gradient
         assert torch.count_nonzero(results[1][3][e]) == 0
 
 
-def test_dense_path_applies_dropout_only_while_training():
+def test_padded_path_applies_dropout_only_while_training():
     torch.manual_seed(0)
     bank = ExpertBank(16, dropout=0.25).train()
     x = torch.randn(32, 16)
     idx = torch.zeros(32, 1, dtype=torch.long)
     g = torch.ones(32, 1)
-    y = bank(x, idx, g, path="dense")
+    y = bank(x, idx, g, path="padded")
     bank.eval()
-    y_eval = bank(x, idx, g, path="dense")
+    y_eval = bank(x, idx, g, path="padded")
     assert not torch.allclose(y, y_eval)  # dropout acted while training
     torch.testing.assert_close(y_eval, bank(x, idx, g, path="fused"))
 

@@ -21,19 +21,19 @@ def _layer(C=16, E=8, k=2, A=3, seed=0, **kw) -> DMoE:
 
 @pytest.fixture(autouse=True)
 def fused_by_default(monkeypatch):
-    """The inputs here are small, which ``path="auto"`` would run densely: test the fused
-    path unless a test asks for another (``hidden_mode`` "dense", or ``path=`` given)."""
-    monkeypatch.setattr(experts, "DENSE_MAX_UNITS", -1)
+    """The inputs here are small, which ``path="auto"`` would run padded: test the fused
+    path unless a test asks for another (``hidden_mode`` "padded", or ``path=`` given)."""
+    monkeypatch.setattr(experts, "PADDED_MAX_UNITS", -1)
 
 
-@pytest.fixture(params=["keep-hidden", "recompute-hidden", "dense"])
+@pytest.fixture(params=["keep-hidden", "recompute-hidden", "padded"])
 def hidden_mode(request, monkeypatch):
     """The fused path with stored hidden activations (small inputs) and with recomputation
-    (large), and the dense path (few tokens)."""
+    (large), and the padded path (few tokens)."""
     if request.param == "recompute-hidden":
         monkeypatch.setattr(expert_dispatch, "KEEP_HIDDEN_BYTES", 0)
-    if request.param == "dense":
-        monkeypatch.setattr(experts, "DENSE_MAX_UNITS", 2**62)
+    if request.param == "padded":
+        monkeypatch.setattr(experts, "PADDED_MAX_UNITS", 2**62)
     return request.param
 
 
