@@ -67,6 +67,7 @@ def _write_prediction(case, labels, meta, result, seg, checkpoint: Path, out: Pa
         from .data.dicom import software_version, write_dicom_seg, write_rtstruct
 
         writer = write_dicom_seg if output_format == "dicom-seg" else write_rtstruct
+        partial.unlink()  # the DICOM writers refuse an existing file, even this empty one
         writer(labels, case.image, seg.class_names, partial, algorithm_name=checkpoint.stem,
                algorithm_version=software_version(), attribute=seg.attribute_name,
                attribute_value=result.attribute_value)

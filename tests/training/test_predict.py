@@ -1,6 +1,6 @@
 """training.predict from Python: a given Segmenter (no second load), several images in one
 call, cancel between cases and inside a 3D case (finished files kept, predictions.csv lists
-exactly them, nothing half-written left)."""
+exactly them, nothing half-written left), DICOM-SEG and RTSTRUCT outputs of a series."""
 
 from __future__ import annotations
 
@@ -169,3 +169,30 @@ def test_several_images_in_one_call_and_clashing_ids_refused(fundus_ckpt, tmp_pa
         predict(fundus_ckpt, tmp_path / "out2", image=[src / "a.png", src / "a.tif"])
     assert not (tmp_path / "out2").exists()
 
+
+
+@pytest.mark.parametrize("output_format", [None, "rtstruct"])
+def test_a_dicom_series_gets_its_dicom_output_written_in_place(ct_ckpt, tmp_path,
+                                                               output_format):
+    """DICOM-SEG (the default for a series) and RTSTRUCT go through the same temporary file
+    + rename as other label files; the DICOM writers, which never overwrite a file, must
+    still be able to write it."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from training.checkpoint import temp_files
+    from training.data.dicom import write_ct_series
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0, 50, (40, 40, 12)).astype(np.float32)
+    hu[10:30, 12:28, 3:9] += 150
+    write_ct_series(hu, tmp_path / "CT_7", np.diag([0.9, 0.9, 2.5, 1.0]))
+    seg = Segmenter.from_checkpoint(ct_ckpt, device="cpu")
+    out = tmp_path / "out"
+    rows = predict(ct_ckpt, out, image=tmp_path / "CT_7", segmenter=seg,
+                   output_format=output_format)
+    suffix = ".seg.dcm" if output_format is None else ".rtstruct.dcm"
+    assert [r["file"] for r in rows] == [f"CT_7{suffix}"]
+    assert sorted(p.name for p in out.iterdir()) == [f"CT_7{suffix}", "predictions.csv"]
+    assert temp_files(out) == []
+    modality = pydicom.dcmread(out / f"CT_7{suffix}").Modality
+    assert modality == ("SEG" if output_format is None else "RTSTRUCT")
