@@ -22,7 +22,10 @@ autograd) in the same process, alternating the two so that load changes hit both
   ``torch.cuda.max_memory_allocated`` is used instead.
 - ``%peak``: useful expert + router FLOPs (backward = 2x forward; recomputation is not
   counted) per second over the best measured fp32 2048x2048 product (``torch.mm``/MKL or
-  oneDNN) on the same threads; once per wall second, once per CPU second.
+  oneDNN) on the same threads, timed for ``PEAK_SECONDS`` right before each repeat (on a
+  shared machine the speed drifts within a minute): the median (min–max) over repeats of
+  each repeat's fraction; once per wall second, once per CPU second. ``peak``: the
+  product's median GFLOP/s.
 - ``path``: which expert dispatch ran (``fused`` on CPU; ``grouped`` = bf16 grouped GEMM
   on CUDA).
 """
@@ -44,6 +47,7 @@ SHAPES = {
     "2d": dict(B=8, N=196, C=768, A=3),
 }
 E, K, DROPOUT = 8, 2, 0.1
+PEAK_SECONDS = 0.3
 
 
 def reference_forward(layer, x, attr):
@@ -200,7 +204,10 @@ def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
         step(run)  # warm-up
     times = {name: [] for name in impls}
     cpu_times = {name: [] for name in impls}
+    peaks = []  # (wall, CPU) GFLOP/s of the 2048x2048 product, right before each repeat
     for _ in range(repeats):
+        rates = matmul_peak(PEAK_SECONDS).values()
+        peaks.append((max(w for w, _ in rates), max(c for _, c in rates)))
         for name, run in impls.items():
             seconds, cpu, _ = step(run)
             times[name].append(seconds)
@@ -210,7 +217,7 @@ def measure(shape: str, mode: str, repeats: int, device: str) -> dict:
         with torch.no_grad():
             diff = (impls["dmoe"]() - impls["reference"]()).abs().max().item()
     tokens = x.reshape(-1, x.shape[-1])
-    return {"times": times, "cpu_times": cpu_times, "max_abs_diff": diff,
+    return {"times": times, "cpu_times": cpu_times, "peaks": peaks, "max_abs_diff": diff,
             "path": layer.experts.select_path(tokens)}
 
 
@@ -249,16 +256,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(measure_memory(*args.memory_child, args.device)))
         return []
     rates = matmul_peak()
-    peak = max(wall for wall, _ in rates.values())
-    cpu_peak = max(cpu for _, cpu in rates.values())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {os.getloadavg()[0]:.1f}; E={E}, top-{K}, dropout {DROPOUT} (train)")
     print("fp32 2048x2048 product, GFLOP/s (per wall s, per CPU s): "
-          + ", ".join(f"{k} {w:.0f}, {c:.0f}" for k, (w, c) in rates.items())
-          + f" -> peak {peak:.0f}, {cpu_peak:.0f}")
+          + ", ".join(f"{k} {w:.0f}, {c:.0f}" for k, (w, c) in rates.items()))
     print(f"{'shape':24} {'mode':5} {'path':7} {'dMoE s, median (min–max)':>24} "
           f"{'reference s':>24} {'speed-up':>8} {'dMoE MB':>8} {'ref MB':>8} {'mem':>5} "
-          f"{'%peak':>6} | {'cpu s dMoE/ref':>15} {'cpu x':>6} {'%peak':>6} | {'max|diff|':>9}")
+          f"{'peak':>5} {'%peak (min–max)':>17} | {'cpu s dMoE/ref':>15} {'cpu x':>6} "
+          f"{'%peak':>6} | {'max|diff|':>9}")
     rows = []
     for shape in args.only or list(SHAPES):
         s = SHAPES[shape]
@@ -276,13 +281,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             c_d = statistics.median(r["cpu_times"]["dmoe"])
             c_r = statistics.median(r["cpu_times"]["reference"])
             mem = r["peak_mb"]["dmoe"] / max(r["peak_mb"]["reference"], 1e-9)
-            frac = _flops(s) / statistics.median(t_d) / 1e9 / peak
-            cpu_frac = _flops(s) / c_d / 1e9 / cpu_peak
+            # each repeat against the product timed right before it (the speed drifts)
+            gflop = _flops(s) / 1e9
+            fracs = [gflop / t / p for t, (p, _) in zip(t_d, r["peaks"])]
+            frac, peak = statistics.median(fracs), statistics.median(p for p, _ in r["peaks"])
+            cpu_frac = statistics.median(
+                gflop / t / p for t, (_, p) in zip(r["cpu_times"]["dmoe"], r["peaks"]))
             print(f"{label:24} {mode:5} {r['path']:7} {_fmt(t_d):>24} {_fmt(t_r):>24} "
                   f"{speed:7.2f}x {r['peak_mb']['dmoe']:8.0f} {r['peak_mb']['reference']:8.0f} "
-                  f"{mem:5.2f} {frac:6.1%} | {f'{c_d:.3f}/{c_r:.3f}':>15} {c_r / c_d:5.2f}x "
-                  f"{cpu_frac:6.1%} | {r['max_abs_diff']:9.1e}", flush=True)
-            rows.append({"shape": shape, "mode": mode, **r, "speed_up": speed,
+                  f"{mem:5.2f} {peak:5.0f} {frac:6.1%} ({min(fracs):.0%}–{max(fracs):.0%}) | "
+                  f"{f'{c_d:.3f}/{c_r:.3f}':>15} "
+                  f"{c_r / c_d:5.2f}x {cpu_frac:6.1%} | {r['max_abs_diff']:9.1e}", flush=True)
+            rows.append({"shape": shape, "mode": mode, **r, "speed_up": speed, "peak": peak,
                          "cpu_speed_up": c_r / c_d, "mem_ratio": mem, "peak_fraction": frac,
                          "cpu_peak_fraction": cpu_frac})
     return rows

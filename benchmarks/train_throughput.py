@@ -25,7 +25,10 @@ compete with other processes for cores slow down far more than single-threaded o
 else equal, same seed) and prints the share of a training step the dMoE layers take:
 ``1 - t(none) / t(dmoe)``, and the time they add, ``t(dmoe) / t(none) - 1``. The runs of
 the modes alternate ``--rounds`` times (median of the rounds) so that load changes on a
-shared machine hit both alike.
+shared machine hit both alike. With a MoE mode, a second pass of ``--steps`` steps times
+the layers inside the step (forward and backward hooks on each layer, see
+:class:`LayerTimer`) and prints their share of it: the steadier figure, since it divides
+two times of the same process.
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ def _worker(args: argparse.Namespace) -> None:
 
     run(args.warmup)
     seconds = run(args.steps)
+    moe_seconds = share = None
+    if args.moe_mode != "none":  # a second pass with timing hooks on the (d)MoE layers
+        with LayerTimer(model) as timer:
+            hooked = run(args.steps)
+        moe_seconds, share = timer.seconds / args.steps, timer.seconds / hooked
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     samples, _ = sum_floats(args.steps * args.batch_size, 0.0)
     slowest = max(_gather(seconds))
@@ -97,8 +105,54 @@ def _worker(args: argparse.Namespace) -> None:
             "moe": args.moe_mode,
             "samples_per_s": samples / slowest, "s_per_step": slowest / args.steps,
             "peak_rss_mb_per_process": rss, "peak_rss_mb_total": sum(rss),
+            "moe_s_per_step": moe_seconds, "moe_share": share,
         }), flush=True)
     teardown_distributed()
+
+
+class LayerTimer:
+    """Wall time spent inside the model's (d)MoE layers, forward and backward.
+
+    Forward: from a layer's forward pre-hook to its forward hook. Backward: from its
+    full-backward pre-hook (the gradient of its output is ready) to its full-backward hook
+    (the gradient of its input is computed); the layer's router and expert backward run in
+    between. The network's other work is not counted, so this is the layers' own share of
+    a step, measured inside the step (the ``none`` vs ``dmoe`` comparison of two runs also
+    sees cache effects, but varies ±10 % between processes on a shared machine).
+    """
+
+    def __init__(self, model) -> None:
+        from training.networks import DMoE
+
+        self.layers = [m for m in model.modules() if isinstance(m, DMoE)]
+        self.seconds = 0.0
+        self._handles = []
+
+    def __enter__(self) -> LayerTimer:
+        for layer in self.layers:
+            started = {}
+
+            def start(key, started=started):
+                def hook(*_):
+                    started[key] = time.perf_counter()
+                return hook
+
+            def stop(key, started=started):
+                def hook(*_):
+                    self.seconds += time.perf_counter() - started.pop(key)
+                return hook
+
+            self._handles += [
+                layer.register_forward_pre_hook(start("fwd")),
+                layer.register_forward_hook(stop("fwd")),
+                layer.register_full_backward_pre_hook(start("bwd")),
+                layer.register_full_backward_hook(stop("bwd")),
+            ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _gather(value: float) -> list[float]:
@@ -180,6 +234,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{moe:>5} {r['processes']:>5} {r['threads']:>7} "
                       f"{r['samples_per_s']:>10.1f} {r['s_per_step']:>8.3f} {per:>17} "
                       f"{r['peak_rss_mb_total']:>9.0f}", flush=True)
+        for moe in (m for m in args.moe if m != "none"):
+            shares = [r["moe_share"] for r in results
+                      if r["moe"] == moe and r["processes"] == n and r["moe_share"] is not None]
+            if shares:
+                share = statistics.median(shares)
+                print(f"{n} process(es), timed inside the step: the {moe} layers take "
+                      f"{share:.1%} ({min(shares):.1%}–{max(shares):.1%}) of a step, "
+                      f"+{share / (1 - share):.1%} over the rest of it (median of "
+                      f"{len(shares)}, min–max)")
         if "none" in steps and len(steps) > 1:
             base = statistics.median(steps["none"])
             for moe in (m for m in args.moe if m != "none"):
