@@ -202,20 +202,27 @@ def _accumulate_bias(db: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
         db += grad.sum(0)
 
 
+def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flattened assignments ``indices (T, k)`` in expert order: the stable sorting
+    permutation ``(T*k,)`` and the rows per expert ``(E,)``. int32 keys sort twice as fast
+    as int64 on CPU."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat.to(torch.int32), stable=True)
+    return order, torch.bincount(flat, minlength=num_experts)
+
+
 class Plan:
     """Sorted dispatch of one call: which rows go to which expert, chunked."""
 
     def __init__(self, indices: torch.Tensor, gates: torch.Tensor, num_experts: int,
                  chunk_rows: int) -> None:
         T, k = indices.shape
-        flat = indices.reshape(-1)
-        # int32 keys sort twice as fast as int64 on CPU (experts < 2**31)
-        self.order = torch.argsort(flat.to(torch.int32), stable=True)
+        self.order, counts = sort_by_expert(indices, num_experts)
         self.inverse = torch.empty_like(self.order).index_copy_(
-            0, self.order, torch.arange(self.order.numel(), device=flat.device))
+            0, self.order, torch.arange(self.order.numel(), device=indices.device))
         self.rows_token = torch.div(self.order, k, rounding_mode="floor")
         self.rows_gate = gates.detach().reshape(-1).index_select(0, self.order)
-        self.counts = torch.bincount(flat, minlength=num_experts).tolist()  # one sync
+        self.counts = counts.tolist()  # one sync
         self.chunks = _chunks(self.counts, chunk_rows)
         # Token index of every chunk row, padded (with the chunk's first token) to a few
         # row counts: oneDNN builds a kernel per GEMM shape (~1 ms each), so the ragged
@@ -371,11 +378,9 @@ def padded_experts(x, indices, gates, w1, b1, w2, b2, p, position, mask):
     k = indices.shape[1]
     if T == 0:
         return x.new_zeros(0, C)
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat.to(torch.int32), stable=True)
-    counts = torch.bincount(flat, minlength=E)
+    order, counts = sort_by_expert(indices, E)
     R = _bucket(int(counts.max()))
-    expert_sorted = flat.index_select(0, order)
+    expert_sorted = indices.reshape(-1).index_select(0, order)
     rank = torch.arange(T * k, device=x.device) - (counts.cumsum(0) - counts)[expert_sorted]
     slot = torch.empty_like(order).index_copy_(0, order, expert_sorted * R + rank)  # (T*k,)
     token = torch.arange(T * k, device=x.device).div_(k, rounding_mode="floor")
