@@ -40,13 +40,16 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return _Softplus.apply(x)
 
 
-def softmax_top(top: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis; for two values as ``sigmoid`` of their difference (the
-    same function, ~10x faster than a softmax over an axis of length 2 on CPU)."""
+def softmax_top(top: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last axis, in float32 for half-precision ``top``, returned as
+    ``dtype``; for two values as ``sigmoid`` of their difference (the same function, ~10x
+    faster than a softmax over an axis of length 2 on CPU)."""
+    if top.dtype in (torch.float16, torch.bfloat16):
+        top = top.float()
     if top.shape[-1] != 2:
-        return torch.softmax(top, dim=-1)
+        return torch.softmax(top, dim=-1).to(dtype)
     diff = top[..., :1] - top[..., 1:]
-    return torch.cat([torch.sigmoid(diff), torch.sigmoid(-diff)], dim=-1)
+    return torch.cat([torch.sigmoid(diff), torch.sigmoid(-diff)], dim=-1).to(dtype)
 
 
 ELEMENTWISE_MIN_TOKENS = 4096
@@ -100,9 +103,7 @@ class _NoisyTopK(torch.autograd.Function):
         noise = torch.randn_like(clean) if noise is None else noise.transpose(1, 2).to(clean)
         logits = torch.addcmul(clean, noise, _softplus(noise_logits))
         top, indices = top_k_experts(logits, k)  # (B, k, N)
-        low_precision = top.dtype in (torch.float16, torch.bfloat16)
-        gates = softmax_top(top.float().transpose(1, 2) if low_precision
-                            else top.transpose(1, 2)).to(x.dtype)  # (B, N, k)
+        gates = softmax_top(top.transpose(1, 2), x.dtype)  # (B, N, k)
         ctx.save_for_backward(x, weight, indices, gates, noise.gather(1, indices),
                               noise_logits.gather(1, indices))
         ctx.has_bias = bias is not None

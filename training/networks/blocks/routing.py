@@ -286,9 +286,7 @@ class AttributeRouterBank(nn.Module):
         k = self.top_k
         k_extra = min(k + 1, self.num_experts) if (want_aux and noisy) else k
         top_logits, top_idx = logits.topk(k_extra, dim=-1)
-        top = top_logits[..., :k]
-        low_precision = top.dtype in (torch.float16, torch.bfloat16)
-        gates = softmax_top(top.float() if low_precision else top).to(x.dtype)
+        gates = softmax_top(top_logits[..., :k], x.dtype)
         indices = top_idx[..., :k]
         if want_aux:
             aux = self._balance_loss(gates, indices, clean, logits, top_logits, noisy and noise_std)
