@@ -88,6 +88,13 @@ def write_predictions_csv(out: Path, rows: Sequence[dict[str, str]]) -> Path:
     return atomic_write_bytes(Path(out) / PREDICTIONS_CSV, write)
 
 
+def _list_written(out: Path, rows: Sequence[dict[str, str]]) -> None:
+    """``predictions.csv`` of a run that stopped early: the files written so far; when
+    there are none, an existing ``predictions.csv`` (an earlier run's) is left as it was."""
+    if rows or not (out / PREDICTIONS_CSV).exists():
+        write_predictions_csv(out, rows)
+
+
 def _planned_suffix(case, output_format: str | None) -> str:
     """The suffix :func:`_write_prediction` will use for ``case`` (before reading it)."""
     from .data import label_suffix_for
@@ -203,10 +210,10 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
             if progress:
                 progress(i + 1, len(cases))
     except Cancelled as exc:
-        write_predictions_csv(out, rows)
+        _list_written(out, rows)
         raise _cancelled(rows, len(cases), out) from exc
     except Exception:  # a case failed: the CSV still lists the files already written
-        write_predictions_csv(out, rows)
+        _list_written(out, rows)
         raise
     write_predictions_csv(out, rows)
     return rows

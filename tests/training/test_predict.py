@@ -196,3 +196,22 @@ def test_a_dicom_series_gets_its_dicom_output_written_in_place(ct_ckpt, tmp_path
     assert temp_files(out) == []
     modality = pydicom.dcmread(out / f"CT_7{suffix}").Modality
     assert modality == ("SEG" if output_format is None else "RTSTRUCT")
+
+
+def test_a_run_that_fails_first_keeps_the_earlier_listing(fundus_ckpt, fundus_data, tmp_path,
+                                                          monkeypatch):
+    """A run into a folder that holds an earlier run's predictions.csv and fails before its
+    first file does not replace that listing with an empty one."""
+    import training.data
+
+    predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
+    before = (tmp_path / "predictions.csv").read_bytes()
+    assert len(csv_rows(tmp_path)) > 0
+
+    def broken(path, labels, meta=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training.data, "write_label", broken)
+    with pytest.raises(OSError, match="disk full"):
+        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
+    assert (tmp_path / "predictions.csv").read_bytes() == before
