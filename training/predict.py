@@ -89,8 +89,8 @@ def write_predictions_csv(out: Path, rows: Sequence[dict[str, str]]) -> Path:
 
 
 def _list_written(out: Path, rows: Sequence[dict[str, str]]) -> None:
-    """``predictions.csv`` of a run that stopped early: the files written so far; when
-    there are none, an existing ``predictions.csv`` (an earlier run's) is left as it was."""
+    """``predictions.csv`` of a cancelled run: the files written so far; when there are
+    none, an existing ``predictions.csv`` (an earlier run's) is left as it was."""
     if rows or not (out / PREDICTIONS_CSV).exists():
         write_predictions_csv(out, rows)
 
@@ -213,7 +213,8 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
         _list_written(out, rows)
         raise _cancelled(rows, len(cases), out) from exc
     except Exception:  # a case failed: the CSV still lists the files already written
-        _list_written(out, rows)
+        if rows:  # none: no empty listing (and an earlier run's stays as it was)
+            write_predictions_csv(out, rows)
         raise
     write_predictions_csv(out, rows)
     return rows

@@ -215,3 +215,12 @@ def test_a_run_that_fails_first_keeps_the_earlier_listing(fundus_ckpt, fundus_da
     with pytest.raises(OSError, match="disk full"):
         predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
     assert (tmp_path / "predictions.csv").read_bytes() == before
+
+
+def test_a_refused_image_leaves_no_listing(ct_ckpt, tmp_path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "t.nii.gz")
+    with pytest.raises(ValueError, match="too small"):
+        predict(ct_ckpt, tmp_path / "out", image=tmp_path / "t.nii.gz")
+    assert not (tmp_path / "out" / "predictions.csv").exists()
