@@ -4,14 +4,17 @@ pair through its expert and add the gate-weighted results per token.
 Three paths compute the same function:
 
 - ``"fused"`` (CPU, and CUDA fallback): one autograd function walks the sorted rows in
-  chunks. The dropout mask is drawn once per call from the default generator (as the
-  geometric gaps between dropped units, see :func:`draw_keep`), stored as one byte per
-  unit and reused by the backward pass; the ``1/(1-p)`` scale acts on the narrow ``(rows, C)``
-  side of the second product. Products go through oneDNN where torch has it (twice
-  MKL's fp32 speed on AMD CPUs), on chunks padded to a few row counts so its kernels are
-  built once. Small inputs keep their hidden activations for the backward pass; large
-  ones (3D maps) recompute them chunk by chunk, so memory stays ``O(T*C)`` plus the byte
-  mask. The stored expert outputs give the gate gradient without a hidden-wide product.
+  chunks. Dropout is drawn once per call from the default generator as the positions of
+  the dropped units (the geometric gaps between them, see :func:`draw_dropped`), which
+  are zeroed in place and kept for the backward pass (8 bytes per dropped unit: 0.8 bytes
+  per unit at ``p = 0.1``, and no pass over a mask); the ``1/(1-p)`` scale acts on the
+  narrow ``(rows, C)`` side of the second product. Products go through oneDNN where torch
+  has it (twice MKL's fp32 speed on AMD CPUs), on chunks padded to a few row counts so
+  its kernels are built once. Wide experts on small inputs keep their hidden activations
+  for the backward pass; large or narrow ones (3D maps) recompute them chunk by chunk, so
+  memory stays ``O(T*C)`` plus the dropped positions, and a chunk's hidden activations
+  are reused while still in cache. The stored expert outputs give the gate gradient
+  without a hidden-wide product.
 - ``"grouped"`` (CUDA tensors, when torch has ``grouped_mm``): bf16 grouped GEMMs over
   the sorted rows with plain autograd.
 - ``"padded"`` (CPU, few tokens): each expert's rows padded to one count, batched
@@ -39,6 +42,13 @@ narrow experts (3D stages with C = 8..32) then take few chunks, so Python work s
 
 KEEP_HIDDEN_BYTES = 64 * 2**20
 """Up to this size the hidden activations are stored for backward instead of recomputed."""
+
+KEEP_HIDDEN_BYTES_PER_CHANNEL = 2**20
+"""...and up to this many bytes per input channel C: recomputing costs ``C`` multiply-adds
+per hidden unit, so for narrow experts storing is the dearer side. Measured at the 3D
+stages, forward+backward with the caches flushed between calls: C = 8 with 17 MB of
+hidden activations 45 -> 40 ms recomputed, C = 16 with 33 MB 73 -> 69 ms; C = 16 with 4 MB
+and C = 8 with 2 MB 5 % faster stored; C = 32 with 17 MB the same either way."""
 
 _RANDOM_BITS = 16
 
@@ -84,40 +94,48 @@ def _drop_threshold(p: float) -> int:
 def draw_keep(out: torch.Tensor, p: float) -> torch.Tensor:
     """Fill bool ``out`` ``(R, W)`` with keep decisions (keep probability ``1-p``) in place.
 
-    On CPU (and for large masks) as a Bernoulli process: the gaps between dropped units
-    are geometric, ``floor(log(1 - U) / log(1 - p))`` kept units before each drop, so only
-    about ``p * R * W`` uniforms are drawn (the default generator) instead of 16 bits per
-    unit: 2x faster at ``p = 0.1``. Elsewhere 16 random bits per unit (``p`` quantised to
-    ``2**-16``).
+    On CPU (and for large masks) the units :func:`draw_dropped` picks; elsewhere 16 random
+    bits per unit (``p`` quantised to ``2**-16``).
     """
     n = out.numel()
     if out.device.type == "cpu" and p < 0.5 and out.is_contiguous() and n >= 4096:
-        return _draw_keep_gaps(out, p)
+        return out.view(-1).fill_(True).index_fill_(0, draw_dropped(n, p, out.device),
+                                                    False).view(out.shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=out.device)
     bits.random_(-(2**63), None)  # 64 uniform bits each (the default generator)
     return torch.ge(bits.view(torch.int16)[:n].view(out.shape), _drop_threshold(p), out=out)
 
 
-def _draw_keep_gaps(out: torch.Tensor, p: float) -> torch.Tensor:
-    """:func:`draw_keep` by geometric gaps (see there) for a contiguous ``out``."""
-    flat = out.view(-1).fill_(True)
-    n, start = flat.numel(), 0  # units from ``start`` on are not decided yet
-    if p <= 0:
-        return out
+def draw_dropped(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each of ``n`` units dropped independently with probability ``p``: the dropped ones'
+    positions, increasing, int64 ``(about p * n,)``.
+
+    Drawn as a Bernoulli process: the gaps between dropped units are geometric,
+    ``floor(log(1 - U) / log(1 - p))`` kept units before each drop, so only about ``p * n``
+    uniforms are drawn (the default generator), not a random number per unit.
+    """
+    if p <= 0 or n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
     scale = 1.0 / math.log1p(-p)
+    parts, start = [], 0  # units from ``start`` on are not decided yet
     while start < n:
         expected = (n - start) * p
         draws = int(expected + 8 * math.sqrt(expected) + 16)  # enough but ~1e-15 of the time
         # 1 - U in (0, 1], exact in float32; log, not log1p (not vectorised on CPU: 10x)
-        log_u = torch.rand(draws, device=out.device).neg_().add_(1).log_()
+        log_u = torch.rand(draws, device=device).neg_().add_(1).log_()
         gaps = log_u.mul_(scale).floor_().to(torch.int64)  # kept units before each drop
         dropped = gaps.add_(1).cumsum_(0).add_(start - 1)
         last = int(dropped[-1])
         if last >= n:
             dropped = dropped[: int(torch.searchsorted(dropped, n))]
-        flat.index_fill_(0, dropped, False)
+        parts.append(dropped)
         start = last + 1
-    return out
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _zero_at(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """Zero the units of a contiguous ``t`` at flat positions ``dropped``, in place."""
+    return t.view(-1).index_fill_(0, dropped, 0).view(t.shape)
 
 
 def _chunks(counts: list[int], chunk_rows: int) -> list[tuple[int, int, int]]:
@@ -238,6 +256,11 @@ class Plan:
         """A token-order mask ``(T, k, W)`` → expert-sorted ``(T*k, W)`` bool."""
         return mask.reshape(self.order.numel(), -1).index_select(0, self.order).bool()
 
+    def dropped_per_chunk(self, keep: torch.Tensor) -> list[torch.Tensor]:
+        """An expert-sorted keep mask ``(T*k, W)`` → each chunk's dropped units as flat
+        positions into its ``(rows, W)`` block (the form the fused path draws)."""
+        return [(~keep[lo:hi]).reshape(-1).nonzero().view(-1) for _, lo, hi in self.chunks]
+
 
 class _SparseExperts(torch.autograd.Function):
     """``out[t] = sum_j gates[t, j] * MLP_{e(t, j)}(x[t])`` over expert-sorted rows.
@@ -247,44 +270,48 @@ class _SparseExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gates, w1, b1, w2, b2, plan, p, position, mask, training_graph):
-        rows, width = plan.order.numel(), (w1.shape[2] if position == "hidden" else x.shape[1])
+    def forward(ctx, x, gates, w1, b1, w2, b2, plan, p, position, dropped, training_graph):
+        C, H = x.shape[1], w1.shape[2]
+        width = H if position == "hidden" else C
         scale = 1.0 / (1.0 - p) if p > 0 else 1.0
-        draw = p > 0 and mask is None
+        draw = p > 0 and dropped is None
         if draw:  # drawn chunk by chunk below: the draw's temporaries stay small
-            mask = torch.empty(rows, width, dtype=torch.bool, device=x.device)
-        y_rows = x.new_empty(rows, x.shape[1])  # expert outputs before the gate
-        # Small inputs (2D shapes) keep the hidden activations: the backward pass then
-        # skips recomputing them. Large ones (3D maps) recompute, keeping memory O(T*C).
-        keep = training_graph and rows * w1.shape[2] * x.element_size() <= KEEP_HIDDEN_BYTES
+            dropped = []
+        y_rows = x.new_empty(plan.order.numel(), C)  # expert outputs before the gate
+        # Wide experts on small inputs (2D shapes) keep the hidden activations: the backward
+        # pass then skips recomputing them. Others (3D maps) recompute, keeping memory
+        # O(T*C) and each chunk's activations in cache.
+        hidden_bytes = plan.order.numel() * H * x.element_size()
+        keep = training_graph and hidden_bytes <= min(
+            KEEP_HIDDEN_BYTES, C * KEEP_HIDDEN_BYTES_PER_CHANNEL)
         kept = []
-        for (e, lo, hi), tok in zip(plan.chunks, plan.tokens):
+        for i, ((e, lo, hi), tok) in enumerate(zip(plan.chunks, plan.tokens)):
             n = hi - lo
             if draw:
-                draw_keep(mask[lo:hi], p)
+                dropped.append(draw_dropped(n * width, p, x.device))
             xs = _rows(x, tok)
             h = _linear(xs, w1[e].T, b1[e], relu=True)  # (padded n, H)
             y = y_rows[lo:hi]
             if p > 0 and position == "hidden":
-                h[:n].mul_(mask[lo:hi].view(torch.uint8))
+                _zero_at(h[:n], dropped[i])
                 torch.add(b2[e], _linear(h, w2[e].T)[:n], alpha=scale, out=y)
             else:
                 torch.add(_linear(h, w2[e].T)[:n], b2[e], out=y)
             if p > 0 and position == "output":
-                y.mul_(mask[lo:hi].view(torch.uint8)).mul_(scale)
+                _zero_at(y, dropped[i]).mul_(scale)
             if keep:
                 kept.append((xs, h))
         if keep and position == "hidden":
-            mask = None  # the kept activations carry it (zero where dropped)
+            dropped = None  # the kept activations carry it (zero where dropped)
         ctx.save_for_backward(x, gates, w1, b1, w2, y_rows, *(t for pair in kept for t in pair))
-        ctx.config = (plan, p, scale, position, keep, mask)
+        ctx.config = (plan, p, scale, position, keep, dropped)
         return _mix(y_rows, plan.inverse, gates)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, gates, w1, b1, w2, y_rows, *kept = ctx.saved_tensors
-        plan, p, scale, position, keep, mask = ctx.config
+        plan, p, scale, position, keep, dropped = ctx.config
         need_x, need_gate = ctx.needs_input_grad[:2]
         grad_out = grad_out.contiguous()
         dx_rows = x.new_empty(y_rows.shape) if need_x else None
@@ -304,7 +331,7 @@ class _SparseExperts(torch.autograd.Function):
                 xs = _rows(x, tok)
                 h = _linear(xs, w1[e].T, b1[e], relu=True)
                 if p > 0 and position == "hidden":
-                    h[:n].mul_(mask[lo:hi].view(torch.uint8))
+                    _zero_at(h[:n], dropped[i])
             dz = _rows(grad_out, tok)  # d out / d (gate * y), padded rows zeroed
             dz[n:] = 0
             if need_gate:
@@ -317,7 +344,7 @@ class _SparseExperts(torch.autograd.Function):
             else:  # y = s * m * (h W2 + b2), or s = 1 without dropout
                 dz[:n].mul_(gate * scale if p > 0 else gate)
                 if p > 0:
-                    dz[:n].mul_(mask[lo:hi].view(torch.uint8))
+                    _zero_at(dz[:n], dropped[i])
                 _accumulate_bias(db2[e], dz, first)
             _accumulate(dw2[e], h, dz, first)
             dh = _linear(dz, w2[e])
@@ -404,9 +431,10 @@ def padded_experts(x, indices, gates, w1, b1, w2, b2, p, position, mask):
 
 
 def fused_experts(x, gates, w1, b1, w2, b2, plan: Plan, p: float, position: str,
-                  mask: torch.Tensor | None, training_graph: bool) -> torch.Tensor:
+                  dropped: list[torch.Tensor] | None, training_graph: bool) -> torch.Tensor:
     """``sum_j gates[t, j] * MLP_{e(t, j)}(x[t])`` ``(T, C)`` over ``plan``'s expert-sorted rows
-    (see :class:`_SparseExperts`); ``mask``: bool keep mask in sorted order or None (drawn
-    here while ``p > 0``); ``training_graph``: autograd will run backward (keep activations)."""
-    return _SparseExperts.apply(x, gates, w1, b1, w2, b2, plan, p, position, mask,
+    (see :class:`_SparseExperts`); ``dropped``: each chunk's dropped units
+    (:meth:`Plan.dropped_per_chunk`) or None (drawn here while ``p > 0``);
+    ``training_graph``: autograd will run backward (keep activations)."""
+    return _SparseExperts.apply(x, gates, w1, b1, w2, b2, plan, p, position, dropped,
                                 training_graph)

@@ -185,8 +185,9 @@ class ExpertBank(nn.Module):
                                        self.b2, plan, p, self.dropout_position, mask)
                 return out.to(x.dtype)
             weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+            dropped = plan.dropped_per_chunk(mask) if mask is not None else None
             out = fused_experts(
                 x.to(dtype).contiguous(), gates.to(dtype), *weights, plan, p,
-                self.dropout_position, mask, torch.is_grad_enabled(),
+                self.dropout_position, dropped, torch.is_grad_enabled(),
             )  # fmt: skip
         return out.to(x.dtype)

@@ -256,3 +256,21 @@ def test_draw_keep_small_masks_use_random_bits():
     torch.manual_seed(0)
     keep = expert_dispatch.draw_keep(torch.empty(30, 100, dtype=torch.bool), 0.25)
     assert abs((~keep).float().mean().item() - 0.25) < 0.05
+
+
+@pytest.mark.parametrize("n", [1, 37, 200_000])
+def test_draw_dropped_gives_increasing_positions_and_matches_draw_keep(n):
+    """The fused path's dropped positions: sorted, unique, in range, rate p; from the same
+    seed, the units ``draw_keep`` drops."""
+    torch.manual_seed(3)
+    dropped = expert_dispatch.draw_dropped(n, 0.1)
+    assert dropped.dtype == torch.int64
+    if dropped.numel():
+        assert int(dropped[0]) >= 0 and int(dropped[-1]) < n
+        assert bool((dropped[1:] > dropped[:-1]).all())
+    if n == 200_000:
+        assert abs(dropped.numel() / n - 0.1) < 5 * (0.1 * 0.9 / n) ** 0.5
+        torch.manual_seed(3)
+        keep = expert_dispatch.draw_keep(torch.empty(n // 100, 100, dtype=torch.bool), 0.1)
+        torch.testing.assert_close((~keep).view(-1).nonzero().view(-1), dropped)
+    assert expert_dispatch.draw_dropped(n, 0.0).numel() == 0
