@@ -10,10 +10,9 @@ Three paths compute the same function:
   per unit at ``p = 0.1``, and no pass over a mask); the ``1/(1-p)`` scale acts on the
   narrow ``(rows, C)`` side of the second product. Products go through oneDNN where torch
   has it (twice MKL's fp32 speed on AMD CPUs), on chunks padded to a few row counts so
-  its kernels are built once. Wide experts on small inputs keep their hidden activations
-  for the backward pass; large or narrow ones (3D maps) recompute them chunk by chunk, so
-  memory stays ``O(T*C)`` plus the dropped positions, and a chunk's hidden activations
-  are reused while still in cache. The stored expert outputs give the gate gradient
+  its kernels are built once. Small inputs keep their hidden activations for the
+  backward pass; large ones (3D maps) recompute them chunk by chunk, so memory stays
+  ``O(T*C)`` plus the dropped positions. The stored expert outputs give the gate gradient
   without a hidden-wide product.
 - ``"grouped"`` (CUDA tensors, when torch has ``grouped_mm``): bf16 grouped GEMMs over
   the sorted rows with plain autograd.
@@ -42,13 +41,6 @@ narrow experts (3D stages with C = 8..32) then take few chunks, so Python work s
 
 KEEP_HIDDEN_BYTES = 64 * 2**20
 """Up to this size the hidden activations are stored for backward instead of recomputed."""
-
-KEEP_HIDDEN_BYTES_PER_CHANNEL = 2**20
-"""...and up to this many bytes per input channel C: recomputing costs ``C`` multiply-adds
-per hidden unit, so for narrow experts storing is the dearer side. Measured at the 3D
-stages, forward+backward with the caches flushed between calls: C = 8 with 17 MB of
-hidden activations 45 -> 40 ms recomputed, C = 16 with 33 MB 73 -> 69 ms; C = 16 with 4 MB
-and C = 8 with 2 MB 5 % faster stored; C = 32 with 17 MB the same either way."""
 
 _RANDOM_BITS = 16
 
@@ -278,12 +270,9 @@ class _SparseExperts(torch.autograd.Function):
         if draw:  # drawn chunk by chunk below: the draw's temporaries stay small
             dropped = []
         y_rows = x.new_empty(plan.order.numel(), C)  # expert outputs before the gate
-        # Wide experts on small inputs (2D shapes) keep the hidden activations: the backward
-        # pass then skips recomputing them. Others (3D maps) recompute, keeping memory
-        # O(T*C) and each chunk's activations in cache.
-        hidden_bytes = plan.order.numel() * H * x.element_size()
-        keep = training_graph and hidden_bytes <= min(
-            KEEP_HIDDEN_BYTES, C * KEEP_HIDDEN_BYTES_PER_CHANNEL)
+        # Small inputs keep the hidden activations: the backward pass then skips
+        # recomputing them. Large ones (3D maps) recompute, keeping memory O(T*C).
+        keep = training_graph and plan.order.numel() * H * x.element_size() <= KEEP_HIDDEN_BYTES
         kept = []
         for i, ((e, lo, hi), tok) in enumerate(zip(plan.chunks, plan.tokens)):
             n = hi - lo
