@@ -18,8 +18,11 @@ demo() {  # name kind attribute classes extra-fit-flags...
     --classes "$classes" --moe dmoe --preset tiny --seed 0 --out "$work/$name" --resume \
     --description "DEMO model trained on synthetic $kind data (training.synth) - not for clinical use" \
     "$@" | tee "$work/$name.log"
+  # --overwrite: the evaluation belongs to the run just trained or resumed, so a rerun
+  # replaces it with the evaluation of the run's current best checkpoint
   python -m training.evaluate --checkpoint "$work/$name/best.safetensors" \
-    --data "$work/data/$kind/manifest.csv" --split test --out "$work/$name/eval" | tee -a "$work/$name.log"
+    --data "$work/data/$kind/manifest.csv" --split test --out "$work/$name/eval" \
+    --overwrite | tee -a "$work/$name.log"
   cp "$work/$name/best.safetensors" "$models/$name.safetensors"
 }
 for kind in $wanted; do

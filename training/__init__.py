@@ -14,7 +14,8 @@ Public API (import from the submodules; nothing heavy is imported here):
   ``training.adversarial`` (the gradient-reversal discriminator).
 - ``training.fitting``: ``FitConfig``, ``fit`` (the engine), ``prepare_data``,
   ``build_model``; ``training.run_folder`` (run-folder lock, overwrite refusal, temp-file
-  clean-up).
+  clean-up; the refusal of ``predict``/``evaluate``/``routing`` to replace an earlier
+  run's outputs without ``--overwrite``).
 - ``training.metrics``: ``case_scores``, ``equity_scaled``, ``fairness_summary``,
   ``RunningFairness``; ``training.report``: metrics.json / report.md / violin / compare.
 - ``training.checkpoint``: ``save_checkpoint``, ``load_checkpoint`` (safetensors, no pickle).

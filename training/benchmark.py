@@ -105,8 +105,11 @@ def run_one(config: Any, data: str, log: Callable[[str], None]) -> tuple[list[di
     out = Path(config.out)
     start = time.perf_counter()
     result = fit(config)
+    # overwrite: run_one runs only for a run without test/run.json (load_run skips finished
+    # ones), so files in test/ are from an evaluation that was interrupted before run.json,
+    # not a result to keep; fit's --resume already protects the trained run itself
     ev = evaluate(result.best_checkpoint, data, out / "test", split="test", format=config.format,
-                  device=config.device)
+                  device=config.device, overwrite=True)
     cost = cost_of(result.best_checkpoint)
     info = {"best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - start, 1),
             **cost}

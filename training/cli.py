@@ -25,6 +25,9 @@ def add_checkpoint_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "(refused by default: the splits may have changed)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--out", help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files an earlier run wrote in --out (refused "
+                             "without it); other files there are never touched")
 
 
 def parse_with_config(

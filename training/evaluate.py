@@ -4,6 +4,8 @@
 ``per_case.csv``, ``report.md`` (the paper's table layout) and ``violin.png``.
 ``--compare DIR1 DIR2 …`` puts several evaluation outputs side by side in one markdown
 table (rows = methods), printed and, with ``--out``, written to ``compare.md``.
+An ``--out`` that already holds any of these files (an earlier evaluation's) is refused
+before the model is loaded, unless ``--overwrite``; other files there are never touched.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .cli import add_checkpoint_data_arguments, add_config_argument, parse_with_config
+
+OUTPUT_FILES = ("metrics.json", "per_case.csv", "report.md", "violin.png")
+"""What :func:`evaluate` writes into ``out``."""
+COMPARE_FILE = "compare.md"
 
 
 @dataclass
@@ -29,13 +35,15 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
                require_labels: bool = True, attribute: str | None = None,
                spatial_dims: int | None = None, expected_hash: str | None = None,
                expected_cases: int | None = None, allow_changed_data: bool = False,
-               checkpoint: str | Path | None = None, combine: str | None = None):
+               checkpoint: str | Path | None = None, combine: str | None = None,
+               validate: bool = True):
     """Cases of one split, checked. Splits missing from the data are assigned as in fit.
 
     With ``expected_hash`` (the checkpoint's ``data_manifest_hash``) and a split other than
     ``"all"``, data whose manifest hash differs are refused (DataError naming both hashes
     and the case counts) unless ``allow_changed_data``: changed data re-split silently
-    could put training cases into the test split.
+    could put training cases into the test split. ``validate=False`` skips reading the
+    cases' files (``validate_cases``): the caller validates them later.
     """
     from .data import DataError, assign_splits, combine_attributes, load_cases, validate_cases
 
@@ -57,39 +65,57 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
         cases = [c for c in cases if c.split == split]
     if not cases:
         raise DataError(f"no cases in split {split!r} of {data}; use --split train|val|test|all")
-    validate_cases(cases, attribute, spatial_dims=spatial_dims, require_labels=require_labels)
+    if validate:
+        validate_cases(cases, attribute, spatial_dims=spatial_dims,
+                       require_labels=require_labels)
     return cases
 
 
-def checkpoint_split(seg, checkpoint: str | Path, data: str | Path, split: str, *,
-                     format: str | None = None, allow_changed_data: bool = False,
-                     require_labels: bool = True, attribute: str | None = None, seed: int = 0):
-    """:func:`load_split` with the checkpoint's seed, split fractions and data hash."""
-    prov = seg.metadata.get("provenance") or {}
+def checkpoint_split(metadata: dict[str, Any], checkpoint: str | Path, data: str | Path,
+                     split: str, *, format: str | None = None, allow_changed_data: bool = False,
+                     require_labels: bool = True, attribute: str | None = None, seed: int = 0,
+                     validate: bool = True):
+    """:func:`load_split` with the checkpoint's seed, split fractions and data hash.
+
+    ``metadata``: the checkpoint's metadata (``Segmenter.metadata``, or
+    ``training.checkpoint.read_header(checkpoint)[0]`` before any model is loaded).
+    """
+    prov = metadata.get("provenance") or {}
     cfg = prov.get("config") or {}
     return load_split(data, split, format=format, seed=cfg.get("seed", seed),
                       val_fraction=cfg.get("val_fraction", 0.15),
                       test_fraction=cfg.get("test_fraction", 0.15),
                       require_labels=require_labels, attribute=attribute,
-                      spatial_dims=seg.spatial_dims,
+                      spatial_dims=(metadata.get("preprocessing") or {}).get("spatial_dims"),
                       expected_hash=prov.get("data_manifest_hash"),
                       expected_cases=prov.get("data_cases"),
                       allow_changed_data=allow_changed_data, checkpoint=checkpoint,
-                      combine=seg.attribute_name)
+                      combine=(metadata.get("attribute") or {}).get("name"), validate=validate)
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
              format: str | None = None, device: str = "auto", seed: int = 0,
-             progress=None, allow_changed_data: bool = False) -> EvaluationResult:
-    """Segment every case of ``split`` and write the fairness report into ``out``."""
+             progress=None, allow_changed_data: bool = False,
+             overwrite: bool = False) -> EvaluationResult:
+    """Segment every case of ``split`` and write the fairness report into ``out``.
+
+    Raises:
+        training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
+            (an earlier evaluation's) and not ``overwrite``; raised before the model is
+            loaded, nothing is written.
+    """
     from .data import read_case
     from .engine import evaluate_cases
     from .inference import Segmenter
     from .report import plot_violin, write_metrics_json, write_per_case_csv, write_report_md
+    from .run_folder import existing_files, refuse_earlier_outputs
 
+    out = Path(out)
+    if not overwrite:
+        refuse_earlier_outputs(existing_files(out, OUTPUT_FILES), out)
     seg = Segmenter.from_checkpoint(checkpoint, device=device)
     attribute = seg.attribute_name
-    cases = checkpoint_split(seg, checkpoint, data, split, format=format, seed=seed,
+    cases = checkpoint_split(seg.metadata, checkpoint, data, split, format=format, seed=seed,
                              allow_changed_data=allow_changed_data, attribute=attribute)
     loaded = []
     for c in cases:
@@ -107,7 +133,6 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
 
         summary["by_attribute"] = single_attribute_summaries(fairness.records,
                                                              seg.class_names, attribute)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_metrics_json(summary, out / "metrics.json")
     write_per_case_csv(fairness.records, seg.class_names, attribute or "attribute",
@@ -116,6 +141,22 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
                     title=f"{Path(checkpoint).name} on {split} ({len(cases)} cases)")
     plot_violin(fairness.records, seg.class_names, out / "violin.png")
     return EvaluationResult(out, summary, fairness.records)
+
+
+def write_compare(dirs: list[Path], names: list[str] | None, out: str | Path | None = None,
+                  *, overwrite: bool = False) -> str:
+    """The ``--compare`` table of evaluation folders ``dirs``; with ``out``, also written
+    to ``out/compare.md`` (an existing one only with ``overwrite``, checked first)."""
+    from .report import compare_markdown
+    from .run_folder import existing_files, refuse_earlier_outputs
+
+    if out is not None and not overwrite:
+        refuse_earlier_outputs(existing_files(out, [COMPARE_FILE]), out)
+    table = compare_markdown(dirs, names)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / COMPARE_FILE).write_text(table + "\n")
+    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,20 +177,17 @@ def main(argv: list[str] | None = None) -> EvaluationResult | str:
 
     try:
         if args.compare:
-            from .report import compare_markdown
-
-            table = compare_markdown([Path(d) for d in args.compare], args.names)
+            table = write_compare([Path(d) for d in args.compare], args.names,
+                                  args.out or None, overwrite=args.overwrite)
             print(table)
-            if args.out:
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                (Path(args.out) / "compare.md").write_text(table + "\n")
             return table
         missing = [f"--{n}" for n in ("checkpoint", "data", "out") if not getattr(args, n)]
         if missing:
             parser.error(f"{', '.join(missing)} required (or --compare DIR ...)")
         result = evaluate(args.checkpoint, args.data, args.out, split=args.split,
                           format=args.format, device=args.device,
-                          allow_changed_data=args.allow_changed_data)
+                          allow_changed_data=args.allow_changed_data,
+                          overwrite=args.overwrite)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     mean = result.summary["mean"]

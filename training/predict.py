@@ -8,6 +8,13 @@ input's original size, and ``predictions.csv`` (id, attribute value used, file).
 inputs (a folder or a ``.dcm`` file) default to ``dicom-seg`` (``<id>.seg.dcm``, or
 ``<id>.rtstruct.dcm``), which reference the source series (training.data.dicom).
 
+An ``--out`` that already holds a file this run would write (a label file with one of the
+run's case ids and suffix, or ``predictions.csv``) is refused before the model is loaded,
+unless ``--overwrite``: the listing counts as an output, so a run whose case ids are all new
+is refused too when an earlier ``predictions.csv`` is there (it would be replaced, and
+would no longer list the earlier files). :func:`existing_outputs` lists those files, for a
+caller that wants to ask first. Other files in ``--out`` are never touched.
+
 From Python, :func:`predict` also takes several images at once, an already loaded
 ``Segmenter`` (no second load) and a ``should_cancel`` callback: a cancelled run keeps the
 finished label files, lists exactly those in ``predictions.csv`` and raises
@@ -105,6 +112,49 @@ def _planned_suffix(case, output_format: str | None) -> str:
     return OUTPUT_FORMATS[output_format] if output_format else label_suffix_for(case.image)
 
 
+def _planned_outputs(cases, out: Path, output_format: str | None) -> list[Path]:
+    """Every file a run of ``cases`` writes: ``<out>/predictions.csv``, then
+    ``<out>/<id><suffix>`` per case."""
+    out = Path(out)
+    return [out / PREDICTIONS_CSV,
+            *(out / f"{c.id}{_planned_suffix(c, output_format)}" for c in cases)]
+
+
+def existing_outputs(cases, out: str | Path, output_format: str | None = None) -> list[Path]:
+    """The files a :func:`predict` run of ``cases`` into ``out`` would replace:
+    ``predictions.csv`` and each case's label file, those that already exist (an earlier
+    run's), in that order.
+
+    ``cases``: anything with ``id`` and ``image`` (``training.data.Case``, e.g. from
+    :func:`image_cases` or ``training.data.load_cases``); no file is read.
+    """
+    return [p for p in _planned_outputs(cases, Path(out), output_format)
+            if os.path.lexists(p)]
+
+
+def image_cases(image: str | Path | Sequence[str | Path], attribute: str | None = None,
+                attribute_value: str | None = None) -> list:
+    """One ``training.data.Case`` per image file (or DICOM series folder), all with
+    ``attribute_value``; the id is the file stem (a folder's name).
+
+    Raises:
+        ValueError: two images would be written under the same id.
+    """
+    from .data import Case, file_stem
+
+    images = [image] if isinstance(image, (str, os.PathLike)) else list(image)
+    cases, seen = [], {}
+    for path in map(Path, images):
+        case_id = path.name if path.is_dir() else file_stem(path)
+        if case_id in seen:
+            raise ValueError(f"{seen[case_id]} and {path} would both be written as "
+                             f"{case_id}: rename one of them (nothing was written).")
+        seen[case_id] = path
+        cases.append(Case(id=case_id, image=path, label=None,
+                          attributes={attribute or "attribute": attribute_value or ""}))
+    return cases
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         if a.resolve() == b.resolve():
@@ -125,10 +175,8 @@ def check_outputs_spare_inputs(cases, out: Path, output_format: str | None = Non
     """
     inputs = [(Path(p), c.id, kind) for c in cases
               for kind, p in (("image", c.image), ("label", c.label)) if p is not None]
-    outputs = [(out / f"{c.id}{_planned_suffix(c, output_format)}", c.id) for c in cases]
-    outputs.append((out / "predictions.csv", None))
     suggestion = out / "predictions"
-    for target, _ in outputs:
+    for target in _planned_outputs(cases, out, output_format):
         for source, case_id, kind in inputs:
             if _same_file(target, source):
                 raise ValueError(
@@ -142,7 +190,8 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
             attribute_value: str | None = None, format: str | None = None,
             device: str = "auto", progress=None, output_format: str | None = None,
             log=None, allow_changed_data: bool = False, segmenter=None,
-            should_cancel: Callable[[], bool] | None = None) -> list[dict[str, str]]:
+            should_cancel: Callable[[], bool] | None = None,
+            overwrite: bool = False) -> list[dict[str, str]]:
     """Segment a split of a dataset, or images, into label files; returns the CSV rows.
 
     3D masks are predicted from the volume and its affine and written on the input's grid
@@ -156,37 +205,43 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
             use instead of loading it again (``checkpoint`` still names the outputs'
             algorithm and the dataset's recorded split).
         should_cancel: polled before each case and between 3D windows; True stops the run.
+        overwrite: replace the files an earlier run left in ``out`` that this run writes
+            (:func:`existing_outputs`); without it such a run is refused.
 
     Raises:
+        training.run_folder.RunFolderError: ``out`` holds files this run would write
+            (:func:`existing_outputs`) and not ``overwrite``; raised before the model is
+            loaded or any image decoded, nothing is written.
         training.inference.Cancelled: ``should_cancel`` said so. The finished cases' label
             files stay, ``predictions.csv`` lists exactly them, the case in progress is not
             written; the exception's ``rows``, ``total`` and ``out`` say what was written.
     """
-    from .data import Case, file_stem, read_image
+    from .checkpoint import read_header
+    from .data import read_image, validate_cases
     from .evaluate import checkpoint_split
     from .inference import Cancelled, Segmenter
+    from .run_folder import refuse_earlier_outputs
 
     if (data is None) == (image is None):
         raise ValueError("give either data (a dataset) or image (one file)")
-    seg = segmenter if segmenter is not None else Segmenter.from_checkpoint(checkpoint,
-                                                                            device=device)
-    attribute = seg.attribute_name
+    # the outputs are checked before the model is built or any image decoded: the cases
+    # come from the checkpoint's header (its split and attribute) and the data's listing
+    metadata = segmenter.metadata if segmenter is not None else read_header(checkpoint)[0]
+    attribute = (metadata.get("attribute") or {}).get("name")
     if image is not None:
-        images = [image] if isinstance(image, (str, os.PathLike)) else list(image)
-        cases, seen = [], {}
-        for path in map(Path, images):
-            case_id = path.name if path.is_dir() else file_stem(path)
-            if case_id in seen:
-                raise ValueError(f"{seen[case_id]} and {path} would both be written as "
-                                 f"{case_id}: rename one of them (nothing was written).")
-            seen[case_id] = path
-            cases.append(Case(id=case_id, image=path, label=None,
-                              attributes={attribute or "attribute": attribute_value or ""}))
+        cases = image_cases(image, attribute, attribute_value)
     else:
-        cases = checkpoint_split(seg, checkpoint, data, split, format=format,
-                                 require_labels=False, allow_changed_data=allow_changed_data)
+        cases = checkpoint_split(metadata, checkpoint, data, split, format=format,
+                                 require_labels=False, allow_changed_data=allow_changed_data,
+                                 validate=False)
     out = Path(out)
     check_outputs_spare_inputs(cases, out, output_format)
+    if not overwrite:
+        refuse_earlier_outputs(existing_outputs(cases, out, output_format), out)
+    seg = segmenter if segmenter is not None else Segmenter.from_checkpoint(checkpoint,
+                                                                            device=device)
+    if data is not None:
+        validate_cases(cases, None, spatial_dims=seg.spatial_dims, require_labels=False)
     if attribute:
         for line in seg.unseen_values(c.attributes.get(attribute, "") for c in cases):
             (log or print)(line)
@@ -246,7 +301,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
                        image=args.image, attribute_value=args.attribute_value,
                        format=args.format, device=args.device,
                        output_format=args.output_format, log=print,
-                       allow_changed_data=args.allow_changed_data)
+                       allow_changed_data=args.allow_changed_data,
+                       overwrite=args.overwrite)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     except CheckpointWriteError as exc:  # disk full, read-only folder: the message says which

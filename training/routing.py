@@ -23,7 +23,9 @@ attribute value and once under every other value (each vocabulary value and
   groups' ``top1_usage``, written for both orders (symmetric, 0 on the diagonal omitted);
 - ``routing.png``: per dMoE layer a heatmap group × expert of ``top1_usage``.
 
-Cases and splits are chosen exactly as ``training.evaluate`` chooses them.
+Cases and splits are chosen exactly as ``training.evaluate`` chooses them. An ``--out``
+that already holds ``routing.json`` or ``routing.png`` (an earlier report's) is refused
+before the model is loaded, unless ``--overwrite``; other files there are never touched.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import numpy as np
 from .cli import add_checkpoint_data_arguments, add_config_argument, parse_with_config
 
 UNKNOWN = "unknown"
+OUTPUT_FILES = ("routing.json", "routing.png")
+"""What :func:`routing_report` writes into ``out``."""
 
 
 @dataclass
@@ -195,12 +199,23 @@ def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Pa
 def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
                    split: str = "test", format: str | None = None, device: str = "auto",
                    seed: int = 0, progress: Callable[[int, int], None] | None = None,
-                   should_cancel: Callable[[], bool] | None = None) -> RoutingReport:
-    """Load the checkpoint and split (as ``training.evaluate``), write JSON and figure."""
+                   should_cancel: Callable[[], bool] | None = None,
+                   overwrite: bool = False) -> RoutingReport:
+    """Load the checkpoint and split (as ``training.evaluate``), write JSON and figure.
+
+    Raises:
+        training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
+            (an earlier report's) and not ``overwrite``; raised before the model is
+            loaded, nothing is written.
+    """
     from .data import read_case
     from .evaluate import load_split
     from .inference import Segmenter
+    from .run_folder import existing_files, refuse_earlier_outputs
 
+    out = Path(out)
+    if not overwrite:
+        refuse_earlier_outputs(existing_files(out, OUTPUT_FILES), out)
     seg = Segmenter.from_checkpoint(checkpoint, device=device)
     cfg = (seg.metadata.get("provenance") or {}).get("config") or {}
     attribute = seg.attribute_name
@@ -213,7 +228,6 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
         image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)
         loaded.append((image, case.attributes.get(attribute, "") if attribute else ""))
     stats = routing_statistics(seg, loaded, progress=progress, should_cancel=should_cancel)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "routing.json").write_text(json.dumps(stats, indent=2))
     if stats["layers"]:
@@ -238,7 +252,8 @@ def main(argv: list[str] | None = None) -> RoutingReport:
 
     try:
         report = routing_report(args.checkpoint, args.data, args.out, split=args.split,
-                                format=args.format, device=args.device)
+                                format=args.format, device=args.device,
+                                overwrite=args.overwrite)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     for name, layer in report.stats["layers"].items():

@@ -14,6 +14,11 @@ remove the temporary files of killed writes.
    (:func:`training.checkpoint.temp_files`) are deleted.
 
 The lock is released (its file removed) by :meth:`RunFolder.close`, also on errors.
+
+The other CLIs that write into an ``--out`` (``training.predict``, ``training.evaluate``,
+``training.routing``) call :func:`refuse_earlier_outputs` with the files they are about to
+write that already exist, before loading a model: an earlier run's outputs are replaced
+only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +38,12 @@ from .train_state import BEST_NAME, HISTORY_NAME, LAST_NAME, STATE_NAME
 LOCK_NAME = ".napari-dmoe.lock"
 RUN_FILES = (BEST_NAME, LAST_NAME, STATE_NAME, HISTORY_NAME, "config.yaml")
 _HELD: set[str] = set()  # tokens of the locks this process holds
+SHOWN = 3  # file names a refusal lists before "and N more"
 
 
 class RunFolderError(ValueError):
-    """The run folder cannot be used: it holds a run, or another fit holds its lock."""
+    """The output folder cannot be used: it holds a run, another fit holds its lock, or it
+    holds an earlier run's outputs that this run would replace."""
 
 
 def process_alive(pid: int) -> bool:
@@ -109,6 +117,32 @@ def existing_run_files(out: str | os.PathLike) -> list[str]:
     """Names of :data:`RUN_FILES` present in ``out``."""
     out = Path(out)
     return [n for n in RUN_FILES if (out / n).exists()]
+
+
+def existing_files(out: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """The files ``out/<name>`` of ``names`` that exist (a dangling link counts: writing
+    the name would replace it)."""
+    return [Path(out) / n for n in names if os.path.lexists(Path(out) / n)]
+
+
+def refuse_earlier_outputs(existing: Sequence[str | os.PathLike],
+                           out: str | os.PathLike) -> None:
+    """Refuse a run whose outputs would replace ``existing`` files of an earlier run in
+    ``out`` (the caller lists the files it would write that exist; none: nothing happens).
+
+    Raises:
+        RunFolderError: naming the first few files and their number, saying they are an
+            earlier run's and what to do (``--overwrite``, or another ``--out``).
+    """
+    if not existing:
+        return
+    names = [Path(p).name for p in existing]
+    shown = ", ".join(names[:SHOWN])
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    raise RunFolderError(
+        f"{out} already holds {len(names)} file(s) from an earlier run that this run would "
+        f"replace: {shown}{more}. Nothing was written; pass --overwrite to replace them "
+        "(overwrite=True in Python), or choose another --out.")
 
 
 def _acquire(out: Path) -> tuple[str, list[str]]:

@@ -6,7 +6,9 @@
   metadata); an existing file is replaced only after the user confirms, and the image's
   own source file never.
 - **Batch…** segments a folder (``_batch.segment_folder``, through ``training.predict``)
-  or every open image layer, in a worker, with the widget's progress bar and Cancel.
+  or every open image layer, in a worker, with the widget's progress bar and Cancel. An
+  output folder holding an earlier run's files that the run would replace (same case ids,
+  ``predictions.csv``) is used only after the user confirms replacing them.
 - **Dataset routing…** runs ``training.routing`` on a manifest or dataset folder in a
   worker and shows ``routing.png`` in a small dialog.
 """
@@ -204,7 +206,23 @@ def _run_job(widget: Any, function: Callable[..., Any], *args: Any,
                   "errored": widget._on_error, "finished": widget._on_finished})
 
 
+def confirm_replace(widget: Any, out: Path, existing: Sequence[Path]) -> bool:
+    """Ask whether a Batch… run may replace ``existing``, an earlier run's files in ``out``
+    (No is the default)."""
+    names = [p.name for p in existing]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    answer = QMessageBox.question(
+        widget, "Replace files?",
+        f"Replace {len(names)} file(s) from an earlier run in {out}?\n\n{shown}\n\n"
+        "Other files in that folder are not touched.",
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+        QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes
+
+
 def start_batch_folder(widget: Any, source: Path, out: Path) -> None:
+    """Segment ``source`` into ``out`` in a worker; first asks (:func:`confirm_replace`)
+    when ``out`` holds files of an earlier run that this one would replace."""
     value = widget.attribute_combo.currentText() or _tasks.UNKNOWN
 
     def done(result: _batch.BatchOutput) -> None:
@@ -227,12 +245,17 @@ def start_batch_folder(widget: Any, source: Path, out: Path) -> None:
 
     try:
         _batch.check_folders(source, out)
-    except ValueError as exc:
+        existing = _batch.earlier_outputs(source, out)
+    except (ValueError, OSError) as exc:
         widget._report_error(str(exc))
+        return
+    if existing and not confirm_replace(widget, out, existing):
+        widget._set_status(f"Nothing was written: {out} keeps the earlier run's "
+                           f"{len(existing)} file(s); choose another output folder.", "gray")
         return
     _run_job(widget, _batch.segment_folder, widget.model_entry.path, source, out, value,
              device=widget.device_combo.currentText() or "auto", segmenter=widget.segmenter,
-             done=done, unit="case")
+             overwrite=bool(existing), done=done, unit="case")
 
 
 def start_batch_layers(widget: Any) -> None:

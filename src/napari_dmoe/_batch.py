@@ -4,7 +4,9 @@
   plain folder of images, segmented through one ``training.predict.predict`` call (the
   CLI's code path: label files in the input's format family and ``predictions.csv``) with
   the model loaded once; Cancel stops it at the next case or 3D window, keeping the
-  finished files (``predictions.csv`` lists exactly them).
+  finished files (``predictions.csv`` lists exactly them). :func:`earlier_outputs` lists
+  the files of an earlier run it would replace, so the widget can ask first; the run
+  replaces them only with ``overwrite=True`` (otherwise ``predict`` refuses them).
 - :func:`segment_layers`: every open image layer (arrays already in model order).
 - :func:`dataset_routing`: ``training.routing.routing_report`` (JSON + figure).
 
@@ -60,17 +62,39 @@ def image_files(folder: Path) -> list[Path]:
                   if p.is_file() and file_suffix(p) in IMAGE_SUFFIXES)
 
 
+def earlier_outputs(source: Path, out: Path) -> list[Path]:
+    """The files in ``out`` that :func:`segment_folder` of ``source`` would replace: label
+    files with its cases' ids and suffixes, and ``predictions.csv`` (an earlier run's);
+    reads only the dataset's listing (no image is decoded), so it is quick enough to call
+    before starting.
+
+    Raises:
+        ValueError: the dataset cannot be read, or two images share an id (the message
+            names them, as ``predict`` would).
+    """
+    from ._compat import prepare_torch
+
+    prepare_torch()
+    from training.data import load_cases
+    from training.predict import existing_outputs, image_cases
+
+    cases = load_cases(source) if is_dataset(source) else image_cases(image_files(source))
+    return existing_outputs(cases, out)
+
+
 def segment_folder(checkpoint: Path, source: Path, out: Path, value: str, *,
                    device: str = "auto", segmenter: Any = None,
-                   cancel: threading.Event | None = None,
-                   poll: float = 0.05) -> Generator[_tasks.Progress, None, BatchOutput]:
+                   cancel: threading.Event | None = None, poll: float = 0.05,
+                   overwrite: bool = False) -> Generator[_tasks.Progress, None, BatchOutput]:
     """Segment a dataset folder/manifest (all cases, each with its own attribute value) or
     every image file of a plain folder (all as ``value``) into ``out``.
 
     ``segmenter``: the widget's already loaded model of ``checkpoint``, used when it runs on
     ``device`` (otherwise the checkpoint is loaded once, through the plugin's model cache).
     Progress is per case. On cancel the result has ``cancelled=True`` and the rows of the
-    cases written (``predictions.csv`` lists exactly those).
+    cases written (``predictions.csv`` lists exactly those). ``overwrite``: replace an
+    earlier run's files in ``out`` (:func:`earlier_outputs`); without it ``predict``
+    refuses them (ValueError naming them) before the model runs.
     """
     from ._compat import prepare_torch
 
@@ -99,7 +123,7 @@ def segment_folder(checkpoint: Path, source: Path, out: Path, value: str, *,
         if seg is None or seg.device != resolve_device(device):
             seg = load_segmenter(checkpoint, device)
         return predict(checkpoint, out, device=device, progress=progress, segmenter=seg,
-                       should_cancel=should_cancel, **inputs)
+                       should_cancel=should_cancel, overwrite=overwrite, **inputs)
 
     try:
         rows = yield from _tasks.run_in_thread(call, cancel, label, 1, 1, poll)

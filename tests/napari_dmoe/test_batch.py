@@ -1,6 +1,7 @@
 """Batch… without a viewer: ``_batch.segment_folder`` loads the model once, reports one
 progress step per case, and stops within a second or two of Cancel in both modes, keeping
-the finished files (``predictions.csv`` lists exactly them)."""
+the finished files (``predictions.csv`` lists exactly them); an earlier run's files in the
+output folder are listed first and replaced only with ``overwrite=True``."""
 
 from __future__ import annotations
 
@@ -136,3 +137,35 @@ def test_plain_folder_stops_soon_after_cancel(checkpoints, ct_data, tmp_path):
     listed = csv_files(out)
     assert listed == [r["file"] for r in result.rows]
     assert sorted(p.name for p in out.iterdir()) == sorted([*listed, "predictions.csv"])
+
+
+def test_an_earlier_run_is_listed_and_replaced_only_with_overwrite(checkpoints, tmp_path):
+    source = png_folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    assert _batch.earlier_outputs(source, out) == []
+    drive(_batch.segment_folder(checkpoints["fundus"], source, out, "Black", device="cpu"))
+    (out / "notes.txt").write_text("mine")
+    assert _batch.earlier_outputs(source, out) == [out / "predictions.csv", out / "scan0.png",
+                                                   out / "scan1.png"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="3 file.*earlier run.*--overwrite"):
+        drive(_batch.segment_folder(checkpoints["fundus"], source, out, "White", device="cpu"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = drive(_batch.segment_folder(checkpoints["fundus"], source, out, "White",
+                                         device="cpu", overwrite=True))
+    assert {r["attribute_value"] for r in result.rows} == {"White"}
+    assert {r["attribute_value"] for r in csv.DictReader(open(out / "predictions.csv"))} == {
+        "White"}
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_earlier_outputs_of_a_dataset_are_its_cases_label_files(ct_data, tmp_path):
+    import training.data
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _batch.earlier_outputs(ct_data.parent, out) == []
+    first = training.data.load_cases(ct_data.parent)[0].id
+    (out / f"{first}.nii.gz").write_bytes(b"earlier")
+    assert _batch.earlier_outputs(ct_data.parent, out) == [out / f"{first}.nii.gz"]

@@ -211,6 +211,48 @@ def test_batch_folder_and_open_images(open_widget, qtbot, tmp_path):  # noqa: F8
     assert widget.run_button.isEnabled()
 
 
+def test_batch_asks_before_replacing_an_earlier_runs_files(open_widget, qtbot,  # noqa: F811
+                                                           tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget = open_widget("fundus")
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        PILImage.fromarray((rng.random((48, 56)) * 255).astype(np.uint8)).save(
+            source / f"scan{i}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"scan0.png": b"earlier mask", "predictions.csv": b"id,attribute_value,file\n",
+               "notes.txt": b"mine"}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    asked, answer = [], {"button": QMessageBox.StandardButton.No}
+
+    def question(parent, title, text, *args):
+        asked.append(text)
+        return answer["button"]
+
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(question))
+    _actions.start_batch_folder(widget, source, out)  # No: nothing starts, nothing changes
+    assert widget.worker is None
+    assert len(asked) == 1 and asked[0].startswith(
+        f"Replace 2 file(s) from an earlier run in {out}?")
+    assert "predictions.csv, scan0.png" in asked[0]
+    assert widget.status.text().startswith(f"Nothing was written: {out} keeps")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    answer["button"] = QMessageBox.StandardButton.Yes
+    _actions.start_batch_folder(widget, source, out)
+    wait_idle(qtbot, widget)
+    assert len(asked) == 2
+    assert "Wrote 2 label file(s)" in widget.status.text()
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["file"] for r in rows] == ["scan0.png", "scan1.png"]
+    assert np.asarray(PILImage.open(out / "scan0.png")).shape == (48, 56)
+    assert (out / "notes.txt").read_bytes() == b"mine"
+
+
 def test_dataset_routing_figure_in_a_dialog(open_widget, qtbot, tmp_path):  # noqa: F811
     from training.data import make_synthetic_dataset
 

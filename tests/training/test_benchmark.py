@@ -97,6 +97,41 @@ def test_benchmark_writes_summaries_and_resume_skips_finished_runs(fundus, tmp_p
     assert sorted(more.ran) == [("febs", 2), ("none", 2)]
 
 
+def test_a_run_whose_evaluation_was_cut_short_is_evaluated_again(fundus, tmp_path,
+                                                                  monkeypatch):
+    """A run without test/run.json is not finished: its test folder may hold an interrupted
+    evaluation's files, which the resumed benchmark replaces (evaluate's overwrite refusal
+    must not stop it); once run.json is written the run counts as done."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import training.fitting
+    from training.benchmark import load_run, run_dir, run_one
+    from training.checkpoint import save_checkpoint
+    from training.data import Preprocessing
+    from training.networks import create_model
+
+    run = run_dir(tmp_path, "none", 0)
+    (run / "test").mkdir(parents=True)
+    torch.manual_seed(0)
+    model = create_model("transunet", preset="tiny", in_channels=1, out_channels=3,
+                         moe="none", img_size=32, depth=1)
+    best = save_checkpoint(model, run / "best.safetensors",
+                           class_names=["background", "rim", "cup"],
+                           attribute={"name": "race", "vocabulary": ["Asian", "Black", "White"]},
+                           preprocessing=Preprocessing(spatial_dims=2, image_size=(32, 32),
+                                                       in_channels=1).to_dict())
+    monkeypatch.setattr(training.fitting, "fit", lambda config: SimpleNamespace(
+        best_checkpoint=best, best_epoch=1))  # training itself is fit's (resume) business
+    (run / "test" / "metrics.json").write_text('{"interrupted": true}')
+    assert load_run(tmp_path, "none", 0) is None
+    config = SimpleNamespace(out=str(run), format=None, device="cpu")
+    records, info = run_one(config, str(fundus), log=lambda line: None)
+    assert "interrupted" not in json.loads((run / "test" / "metrics.json").read_text())
+    assert load_run(tmp_path, "none", 0) == (records, info)
+
+
 @pytest.mark.slow
 def test_evaluate_refuses_changed_data_and_select_is_recorded(fundus, tmp_path):
     from training.checkpoint import load_checkpoint

@@ -90,6 +90,47 @@ def test_evaluate_writes_report_in_schema(trained, fundus, tmp_path):
     assert "| a" in table and "| b" in table
 
 
+def test_evaluate_replaces_an_earlier_evaluation_only_with_overwrite(trained, fundus, tmp_path,
+                                                                     capsys, monkeypatch):
+    from training.inference import Segmenter
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    earlier = {"metrics.json": b'{"earlier": 1}\n', "report.md": b"earlier report\n",
+               "notes.txt": b"mine"}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    argv = ["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
+            "--out", str(out)]
+    with monkeypatch.context() as m:  # refused before the checkpoint is loaded
+        m.setattr(Segmenter, "from_checkpoint", classmethod(lambda *a, **k: 1 / 0))
+        with pytest.raises(SystemExit) as info:
+            evaluate_cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"{out} already holds 2 file(s) from an earlier run that this run would "
+            "replace: metrics.json, report.md. Nothing was written; pass --overwrite") in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    evaluate_cli.main([*argv, "--overwrite"])
+    assert json.loads((out / "metrics.json").read_text())["attribute"] == "race"
+    assert "ES-Dice" in (out / "report.md").read_text()
+    assert (out / "notes.txt").read_bytes() == b"mine"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt",
+                                                     "per_case.csv", "report.md", "violin.png"]
+    # --compare --out: an earlier compare.md likewise
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.md").write_text("earlier table\n")
+    compare = ["--compare", str(out), str(out), "--names", "a", "b", "--out",
+               str(tmp_path / "cmp")]
+    with pytest.raises(SystemExit) as info:
+        evaluate_cli.main(compare)
+    assert info.value.code == 2
+    assert "compare.md. Nothing was written; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "cmp" / "compare.md").read_text() == "earlier table\n"
+    evaluate_cli.main([*compare, "--overwrite"])
+    assert "| a" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
 def test_predict_dataset_and_single_image(trained, fundus, tmp_path):
     rows = predict_cli.main(["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
                              "--split", "test", "--out", str(tmp_path / "p")])

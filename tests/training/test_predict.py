@@ -1,6 +1,7 @@
 """training.predict from Python: a given Segmenter (no second load), several images in one
 call, cancel between cases and inside a 3D case (finished files kept, predictions.csv lists
-exactly them, nothing half-written left), DICOM-SEG and RTSTRUCT outputs of a series."""
+exactly them, nothing half-written left), DICOM-SEG and RTSTRUCT outputs of a series, an
+earlier run's files replaced only with overwrite."""
 
 from __future__ import annotations
 
@@ -200,8 +201,8 @@ def test_a_dicom_series_gets_its_dicom_output_written_in_place(ct_ckpt, tmp_path
 
 def test_a_run_that_fails_first_keeps_the_earlier_listing(fundus_ckpt, fundus_data, tmp_path,
                                                           monkeypatch):
-    """A run into a folder that holds an earlier run's predictions.csv and fails before its
-    first file does not replace that listing with an empty one."""
+    """A run (with overwrite) into a folder that holds an earlier run's predictions.csv and
+    fails before its first file does not replace that listing with an empty one."""
     import training.data
 
     predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
@@ -213,7 +214,7 @@ def test_a_run_that_fails_first_keeps_the_earlier_listing(fundus_ckpt, fundus_da
 
     monkeypatch.setattr(training.data, "write_label", broken)
     with pytest.raises(OSError, match="disk full"):
-        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
+        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all", overwrite=True)
     assert (tmp_path / "predictions.csv").read_bytes() == before
 
 
@@ -224,3 +225,96 @@ def test_a_refused_image_leaves_no_listing(ct_ckpt, tmp_path):
     with pytest.raises(ValueError, match="too small"):
         predict(ct_ckpt, tmp_path / "out", image=tmp_path / "t.nii.gz")
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def png_images(folder, names):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in names:
+        PILImage.fromarray((rng.random((40, 48)) * 255).astype(np.uint8)).save(folder / name)
+    return [folder / n for n in names]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_earlier_runs_files_are_replaced_only_with_overwrite(fundus_ckpt, tmp_path,
+                                                                monkeypatch):
+    import os
+
+    images = png_images(tmp_path / "in", ["a.png", "b.png"])
+    out = tmp_path / "out"
+    predict(fundus_ckpt, out, image=images, attribute_value="Black")
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with monkeypatch.context() as m:  # refused before the checkpoint is loaded
+        m.setattr(Segmenter, "from_checkpoint", classmethod(lambda *a, **k: 1 / 0))
+        with pytest.raises(ValueError) as info:
+            predict(fundus_ckpt, out, image=images, attribute_value="White")
+    message = str(info.value)
+    print(message)
+    assert f"{out} already holds 3 file(s) from an earlier run" in message
+    assert "predictions.csv, a.png, b.png." in message
+    assert "--overwrite" in message and "another --out" in message
+    assert snapshot(out) == before  # bytes equal, nothing added
+    inode = os.stat(out / "a.png").st_ino
+    rows = predict(fundus_ckpt, out, image=images, attribute_value="White", overwrite=True)
+    assert [r["attribute_value"] for r in csv_rows(out)] == ["White", "White"] == [
+        r["attribute_value"] for r in rows]
+    assert os.stat(out / "a.png").st_ino != inode  # a new file, renamed into place
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "notes.txt",
+                                                     "predictions.csv"]
+
+
+def test_new_cases_into_a_folder_with_an_earlier_listing_are_refused(fundus_ckpt, tmp_path):
+    """The earlier predictions.csv would be replaced (and stop listing a.png): refused."""
+    a, c = png_images(tmp_path / "in", ["a.png", "c.png"])
+    out = tmp_path / "out"
+    predict(fundus_ckpt, out, image=a)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"1 file\(s\) from an earlier run .*: "
+                                         r"predictions\.csv\. .*--overwrite"):
+        predict(fundus_ckpt, out, image=c)
+    assert snapshot(out) == before  # no c.png either
+    predict(fundus_ckpt, out, image=c, overwrite=True)
+    assert [r["file"] for r in csv_rows(out)] == ["c.png"]
+    assert (out / "a.png").read_bytes() == before["a.png"]  # not this run's: untouched
+
+
+def test_existing_outputs_lists_what_a_run_would_replace(fundus_ckpt, tmp_path):
+    from training.predict import existing_outputs, image_cases
+
+    images = png_images(tmp_path / "in", ["a.png", "b.tif", "c.png"])
+    out = tmp_path / "out"
+    cases = image_cases(images)
+    assert existing_outputs(cases, out) == []  # no folder yet
+    out.mkdir()
+    for name in ("b.tif", "c.nii.gz", "notes.txt"):  # c.nii.gz: not c.png's output
+        (out / name).write_bytes(b"earlier")
+    assert existing_outputs(cases, out) == [out / "b.tif"]
+    assert existing_outputs(cases, out, "nifti") == [out / "c.nii.gz"]
+    (out / "predictions.csv").symlink_to(out / "gone.csv")  # a dangling link counts too
+    assert existing_outputs(cases, out) == [out / "predictions.csv", out / "b.tif"]
+
+
+def test_the_cli_refuses_a_dataset_run_into_an_earlier_one_with_exit_2(
+        fundus_ckpt, fundus_data, tmp_path, capsys):
+    from training import predict as predict_cli
+
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(fundus_ckpt), "--data", str(fundus_data), "--split", "all",
+            "--out", str(out)]
+    predict_cli.main(argv)
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds 10 file(s) from an earlier run" in err
+    assert "predictions.csv, fundus_0000.png, fundus_0001.png and 7 more" in err
+    assert "--overwrite" in err
+    assert snapshot(out) == before
+    assert len(predict_cli.main([*argv, "--overwrite"])) == 9

@@ -1,4 +1,5 @@
-"""training.routing: dataset-level routing statistics, JSON schema and figure."""
+"""training.routing: dataset-level routing statistics, JSON schema and figure; an earlier
+report is replaced only with --overwrite."""
 
 from __future__ import annotations
 
@@ -95,3 +96,31 @@ def test_js_divergence_bounds():
     assert js_divergence(p, np.array([0.0, 1.0])) == pytest.approx(1.0)
     q = np.array([0.3, 0.7])
     assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
+
+
+def test_an_earlier_report_is_replaced_only_with_overwrite(fundus, tmp_path, capsys,
+                                                           monkeypatch):
+    from training.inference import Segmenter
+
+    ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"routing.json": b'{"layers": {}}', "routing.png": b"earlier figure",
+               "notes.txt": b"mine"}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    argv = ["--checkpoint", str(ckpt), "--data", str(fundus), "--split", "all",
+            "--out", str(out)]
+    with monkeypatch.context() as m:  # refused before the checkpoint is loaded
+        m.setattr(Segmenter, "from_checkpoint", classmethod(lambda *a, **k: 1 / 0))
+        with pytest.raises(SystemExit) as info:
+            routing_cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"{out} already holds 2 file(s) from an earlier run that this run would "
+            "replace: routing.json, routing.png. Nothing was written; pass --overwrite") in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    routing_cli.main([*argv, "--overwrite"])
+    assert json.loads((out / "routing.json").read_text())["layers"]
+    assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "notes.txt").read_bytes() == b"mine"
