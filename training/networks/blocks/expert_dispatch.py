@@ -42,6 +42,10 @@ narrow experts (3D stages with C = 8..32) then take few chunks, so Python work s
 KEEP_HIDDEN_BYTES = 64 * 2**20
 """Up to this size the hidden activations are stored for backward instead of recomputed."""
 
+DRAW_AT_ONCE_UNITS = 2**24
+"""Dropout for up to this many units is drawn in one piece (temporaries ~1.2 bytes per unit
+at ``p = 0.1``); larger layers draw per chunk."""
+
 _RANDOM_BITS = 16
 
 
@@ -253,6 +257,19 @@ class Plan:
         positions into its ``(rows, W)`` block (the form the fused path draws)."""
         return [(~keep[lo:hi]).reshape(-1).nonzero().view(-1) for _, lo, hi in self.chunks]
 
+    def draw_dropped(self, width: int, p: float, device: torch.device) -> list[torch.Tensor] | None:
+        """Fresh dropout for ``(T*k, width)`` units as in :meth:`dropped_per_chunk`, drawn in
+        one piece (a few dozen ops, not a few dozen per chunk); None above
+        ``DRAW_AT_ONCE_UNITS`` (the caller draws chunk by chunk: smaller temporaries)."""
+        units = self.order.numel() * width
+        if units > DRAW_AT_ONCE_UNITS:
+            return None
+        dropped = draw_dropped(units, p, device)
+        starts = [lo * width for _, lo, _ in self.chunks]
+        cuts = torch.searchsorted(dropped, torch.tensor([*starts, units], device=device))
+        cuts = cuts.tolist()
+        return [dropped[a:b] - start for start, a, b in zip(starts, cuts, cuts[1:])]
+
 
 class _SparseExperts(torch.autograd.Function):
     """``out[t] = sum_j gates[t, j] * MLP_{e(t, j)}(x[t])`` over expert-sorted rows.
@@ -267,8 +284,11 @@ class _SparseExperts(torch.autograd.Function):
         width = H if position == "hidden" else C
         scale = 1.0 / (1.0 - p) if p > 0 else 1.0
         draw = p > 0 and dropped is None
-        if draw:  # drawn chunk by chunk below: the draw's temporaries stay small
-            dropped = []
+        if draw:  # for many units, drawn chunk by chunk below: smaller temporaries
+            dropped = plan.draw_dropped(width, p, x.device)
+            draw = dropped is None
+            if draw:
+                dropped = []
         y_rows = x.new_empty(plan.order.numel(), C)  # expert outputs before the gate
         # Small inputs keep the hidden activations: the backward pass then skips
         # recomputing them. Large ones (3D maps) recompute, keeping memory O(T*C).

@@ -99,8 +99,16 @@ def _identity_bank(C, p, position):
     return bank.train()
 
 
+@pytest.fixture(params=["at-once", "per-chunk"])
+def draw_mode(request, monkeypatch):
+    """Fresh dropout drawn for the whole layer in one piece, and chunk by chunk (large)."""
+    if request.param == "per-chunk":
+        monkeypatch.setattr(expert_dispatch, "DRAW_AT_ONCE_UNITS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("position", ["hidden", "output"])
-def test_drawn_mask_drops_p_and_scales_the_rest(position):
+def test_drawn_mask_drops_p_and_scales_the_rest(position, draw_mode):
     torch.manual_seed(0)
     p, T, C = 0.1, 4000, 64
     bank = _identity_bank(C, p, position)
@@ -116,7 +124,7 @@ def test_drawn_mask_drops_p_and_scales_the_rest(position):
 
 
 @pytest.mark.parametrize("position", ["hidden", "output"])
-def test_backward_reuses_the_forward_mask(position, hidden_mode):
+def test_backward_reuses_the_forward_mask(position, hidden_mode, draw_mode):
     """Gradients equal a finite-difference estimate of the same random draw."""
     bank = ExpertBank(6, num_experts=3, dropout=0.5, dropout_position=position).double().train()
     torch.manual_seed(3)
@@ -274,3 +282,17 @@ def test_draw_dropped_gives_increasing_positions_and_matches_draw_keep(n):
         keep = expert_dispatch.draw_keep(torch.empty(n // 100, 100, dtype=torch.bool), 0.1)
         torch.testing.assert_close((~keep).view(-1).nonzero().view(-1), dropped)
     assert expert_dispatch.draw_dropped(n, 0.0).numel() == 0
+
+
+def test_plan_draws_one_piece_and_cuts_it_at_the_chunks():
+    indices = torch.randint(0, 4, (500, 2), generator=torch.Generator().manual_seed(0))
+    plan = expert_dispatch.Plan(indices, torch.rand(500, 2), 4, chunk_rows=60)
+    torch.manual_seed(5)
+    pieces = plan.draw_dropped(10, 0.2, torch.device("cpu"))
+    torch.manual_seed(5)
+    whole = expert_dispatch.draw_dropped(1000 * 10, 0.2)
+    assert len(pieces) == len(plan.chunks) > 8
+    for piece, (_, lo, hi) in zip(pieces, plan.chunks):
+        assert piece.numel() == 0 or (int(piece.min()) >= 0 and int(piece.max()) < (hi - lo) * 10)
+    torch.testing.assert_close(torch.cat([piece + lo * 10 for piece, (_, lo, _) in
+                                          zip(pieces, plan.chunks)]), whole)
