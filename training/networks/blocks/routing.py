@@ -199,6 +199,8 @@ class AttributeRouterBank(nn.Module):
         """
         if self.summed:
             return self._summed_weights(weight, routers)
+        if self.unknown_router or self.num_attributes == 1:  # every sample has a router
+            return weight[routers]
         mean = weight[: self.num_attributes].mean(0, keepdim=True)
         table = torch.cat([weight, mean], 0)  # index num_routers = the mean router
         return table[torch.where(routers < 0, self.num_routers, routers)]
