@@ -216,12 +216,31 @@ def _accumulate_bias(db: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
         db += grad.sum(0)
 
 
+RADIX_SORT_MIN = 32768
+"""From this many elements torch sorts 1-D integer keys on CPU by radix sort (ATen's
+``GRAIN_SIZE``), below it by comparisons (5x slower at 16k keys)."""
+
+
 def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The flattened assignments ``indices (T, k)`` in expert order: the stable sorting
-    permutation ``(T*k,)`` and the rows per expert ``(E,)``. int32 keys sort twice as fast
-    as int64 on CPU."""
+    permutation ``(T*k,)`` and the rows per expert ``(E,)``.
+
+    On CPU with at most 255 experts and at least 4096 assignments the keys are sorted as
+    uint8, padded with 255 (after every expert) to ``RADIX_SORT_MIN`` keys, so that torch
+    takes its one-pass radix sort: 16k keys 0.51 -> 0.10 ms, 131k 1.15 -> 0.44 ms (int32
+    keys). Otherwise int32 keys (twice as fast as int64).
+    """
     flat = indices.reshape(-1)
-    order = torch.argsort(flat.to(torch.int32), stable=True)
+    n = flat.numel()
+    if flat.device.type == "cpu" and num_experts < 256 and n >= 4096:
+        if n >= RADIX_SORT_MIN:
+            key = flat.to(torch.uint8)
+        else:
+            key = torch.full((RADIX_SORT_MIN,), 255, dtype=torch.uint8)
+            key[:n] = flat
+        order = torch.argsort(key, stable=True)[:n]
+    else:
+        order = torch.argsort(flat.to(torch.int32), stable=True)
     return order, torch.bincount(flat, minlength=num_experts)
 
 

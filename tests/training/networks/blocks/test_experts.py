@@ -296,3 +296,12 @@ def test_plan_draws_one_piece_and_cuts_it_at_the_chunks():
         assert piece.numel() == 0 or (int(piece.min()) >= 0 and int(piece.max()) < (hi - lo) * 10)
     torch.testing.assert_close(torch.cat([piece + lo * 10 for piece, (_, lo, _) in
                                           zip(pieces, plan.chunks)]), whole)
+
+
+@pytest.mark.parametrize("tokens", [5, 2048, 2100, 16384, 40000])
+def test_sort_by_expert_is_the_stable_sort(tokens):
+    """Every key size and sort path (small, uint8 padded to a radix sort, uint8 radix)."""
+    indices = torch.randint(0, 8, (tokens, 2), generator=torch.Generator().manual_seed(tokens))
+    order, counts = expert_dispatch.sort_by_expert(indices, 8)
+    assert torch.equal(order, torch.argsort(indices.reshape(-1), stable=True))
+    assert torch.equal(counts, torch.bincount(indices.reshape(-1), minlength=8))
