@@ -26,6 +26,8 @@ attribute value and once under every other value (each vocabulary value and
 Cases and splits are chosen exactly as ``training.evaluate`` chooses them. An ``--out``
 that already holds ``routing.json`` or ``routing.png`` (an earlier report's) is refused
 before the model is loaded, unless ``--overwrite``; other files there are never touched.
+Both files are written under a temporary name and renamed when complete: a kill or a full
+disk (exit 4) leaves the earlier file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .checkpoint import atomic_savefig
+
     layers = list(stats["layers"].items())
     if not layers:
         raise ValueError("no dMoE layer in the statistics: the model has no routing to plot")
@@ -190,10 +194,10 @@ def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Pa
     fig.supylabel("group (routing cells)", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label="top-1 usage")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
@@ -208,6 +212,7 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             (an earlier report's) and not ``overwrite``; raised before the model is
             loaded, nothing is written.
     """
+    from .checkpoint import atomic_write_text
     from .data import read_case
     from .evaluate import load_split
     from .inference import Segmenter
@@ -228,8 +233,7 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
         image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)
         loaded.append((image, case.attributes.get(attribute, "") if attribute else ""))
     stats = routing_statistics(seg, loaded, progress=progress, should_cancel=should_cancel)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "routing.json").write_text(json.dumps(stats, indent=2))
+    atomic_write_text(out / "routing.json", json.dumps(stats, indent=2))
     if stats["layers"]:
         plot_routing(stats, out / "routing.png",
                      title=f"{Path(checkpoint).stem} on {split} ({len(loaded)} cases): "
@@ -248,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> RoutingReport:
     parser = build_parser()
     args = parse_with_config(parser, argv, required=("checkpoint", "data", "out"))
+    from .checkpoint import CheckpointWriteError
     from .data import DataError
 
     try:
@@ -256,6 +261,8 @@ def main(argv: list[str] | None = None) -> RoutingReport:
                                 overwrite=args.overwrite)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    except CheckpointWriteError as exc:  # disk full, read-only folder: the message says which
+        parser.exit(4, f"error: {exc}\n")
     for name, layer in report.stats["layers"].items():
         print(name)
         for group, g in layer["groups"].items():

@@ -124,3 +124,30 @@ def test_an_earlier_report_is_replaced_only_with_overwrite(fundus, tmp_path, cap
     assert json.loads((out / "routing.json").read_text())["layers"]
     assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "notes.txt").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("name", routing_cli.OUTPUT_FILES)
+def test_a_report_cut_short_while_writing_keeps_that_earlier_file(fundus, tmp_path, name,
+                                                                  disk_fills, capsys):
+    """--overwrite, the disk filling up halfway through ``name``: exit 4 naming it; ``name``
+    (and the figure, written after the JSON) is the earlier report's byte for byte; no
+    temporary file."""
+    ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"routing.json": b'{"layers": {}}', "routing.png": b"earlier figure"}
+    for n, data in earlier.items():
+        (out / n).write_bytes(data)
+    disk_fills(out / name)
+    with pytest.raises(SystemExit) as info:
+        routing_cli.main(["--checkpoint", str(ckpt), "--data", str(fundus), "--split", "all",
+                          "--out", str(out), "--overwrite"])
+    assert info.value.code == 4
+    assert (f"error: cannot write {out / name}: no space left on the device" in
+            capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["routing.json", "routing.png"]
+    assert (out / "routing.png").read_bytes() == b"earlier figure"
+    if name == "routing.json":
+        assert (out / "routing.json").read_bytes() == earlier["routing.json"]
+    else:  # the JSON was written first
+        assert json.loads((out / "routing.json").read_text())["layers"]
