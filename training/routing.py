@@ -21,7 +21,11 @@ attribute value and once under every other value (each vocabulary value and
   group's cells whose top-1 expert changes when the attribute is swapped to ``v``;
   ``js_divergence["G1|G2"]`` Jensen–Shannon divergence (base 2, in [0, 1]) between the
   groups' ``top1_usage``, written for both orders (symmetric, 0 on the diagonal omitted);
-- ``routing.png``: per dMoE layer a heatmap group × expert of ``top1_usage``.
+- ``routing.png``: per dMoE layer a heatmap group × expert of ``top1_usage``. A model
+  without dMoE/MoE layers gets ``{"layers": {}}`` and no figure; with ``--overwrite`` an
+  earlier ``routing.png`` is then deleted, since it showed another model's routing and
+  would contradict the new ``routing.json`` beside it (a placeholder figure would pass for
+  a result).
 
 Cases and splits are chosen exactly as ``training.evaluate`` chooses them. An ``--out``
 that already holds ``routing.json`` or ``routing.png`` (an earlier report's) is refused
@@ -35,8 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +56,13 @@ OUTPUT_FILES = ("routing.json", "routing.png")
 
 @dataclass
 class RoutingReport:
+    """``stats`` as written to ``out/routing.json``; ``removed``: files of an earlier report
+    deleted because this one has no counterpart (an earlier ``routing.png`` when the model
+    has no dMoE/MoE layer, with ``overwrite``)."""
+
     out: Path
     stats: dict[str, Any]
+    removed: list[Path] = field(default_factory=list)
 
 
 class _Accumulator:
@@ -207,6 +217,10 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
                    overwrite: bool = False) -> RoutingReport:
     """Load the checkpoint and split (as ``training.evaluate``), write JSON and figure.
 
+    A model without dMoE/MoE layers gets no figure; with ``overwrite`` an earlier
+    ``routing.png`` in ``out`` is deleted (before the JSON is replaced), so no figure of
+    another model's routing is left beside the new ``routing.json``.
+
     Raises:
         training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
             (an earlier report's) and not ``overwrite``; raised before the model is
@@ -233,12 +247,17 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
         image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)
         loaded.append((image, case.attributes.get(attribute, "") if attribute else ""))
     stats = routing_statistics(seg, loaded, progress=progress, should_cancel=should_cancel)
+    removed = []
+    figure = out / "routing.png"
+    if not stats["layers"] and overwrite and os.path.lexists(figure):
+        figure.unlink()  # first: a kill before the JSON is written leaves the earlier JSON
+        removed.append(figure)
     atomic_write_text(out / "routing.json", json.dumps(stats, indent=2))
     if stats["layers"]:
-        plot_routing(stats, out / "routing.png",
+        plot_routing(stats, figure,
                      title=f"{Path(checkpoint).stem} on {split} ({len(loaded)} cases): "
                            f"top-1 expert usage per {attribute or 'group'}")
-    return RoutingReport(out, stats)
+    return RoutingReport(out, stats, removed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +291,9 @@ def main(argv: list[str] | None = None) -> RoutingReport:
             print(f"  {group:>10} (n={g['n_tokens']}): {used}; switched: {switch}")
     if not report.stats["layers"]:
         print("the model has no dMoE/MoE layer: nothing to report")
+    for path in report.removed:
+        print(f"removed the earlier {path.name}: another model's figure, which would not "
+              "match routing.json")
     print(f"wrote {report.out}/routing.json" + (", routing.png" if report.stats["layers"]
                                                  else ""))
     return report

@@ -151,3 +151,21 @@ def test_a_report_cut_short_while_writing_keeps_that_earlier_file(fundus, tmp_pa
         assert (out / "routing.json").read_bytes() == earlier["routing.json"]
     else:  # the JSON was written first
         assert json.loads((out / "routing.json").read_text())["layers"]
+
+
+def test_overwrite_with_a_model_without_moe_removes_the_earlier_figure(fundus, tmp_path,
+                                                                       capsys):
+    """routing.json says there is no routing; the earlier report's routing.png (another
+    model's routing) must not stay beside it. Other files are kept."""
+    ckpt = _checkpoint(tmp_path / "plain.safetensors", "none")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "routing.json").write_text('{"layers": {"block0": {}}}')
+    (out / "routing.png").write_bytes(b"\x89PNG an earlier model's figure")
+    (out / "notes.txt").write_bytes(b"mine")
+    report = routing_cli.main(["--checkpoint", str(ckpt), "--data", str(fundus),
+                               "--split", "all", "--out", str(out), "--overwrite"])
+    assert json.loads((out / "routing.json").read_text()) == {"layers": {}}
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "routing.json"]
+    assert report.stats == {"layers": {}} and report.removed == [out / "routing.png"]
+    assert "removed the earlier routing.png" in capsys.readouterr().out
