@@ -63,7 +63,7 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
                 f"trained on (manifest hash {now}, {len(cases)} cases; the checkpoint's "
                 f"{expected_hash}, {then}). Cases, files, splits or attributes changed, so "
                 "the split may now mix training cases into it. Use the original data, or pass "
-                "--allow-changed-data to evaluate anyway (e.g. a dataset that was only moved).")
+                "--allow-changed-data to use them anyway (e.g. a dataset that was only moved).")
     if split != "all":
         cases = [c for c in cases if c.split == split]
     if not cases:

@@ -27,7 +27,9 @@ attribute value and once under every other value (each vocabulary value and
   would contradict the new ``routing.json`` beside it (a placeholder figure would pass for
   a result).
 
-Cases and splits are chosen exactly as ``training.evaluate`` chooses them. An ``--out``
+Cases and splits are chosen exactly as ``training.evaluate`` chooses them, with the same
+check of the checkpoint's data hash: data that differ from the training data are refused
+for a split other than ``all`` unless ``--allow-changed-data``. An ``--out``
 that already holds ``routing.json`` or ``routing.png`` (an earlier report's) is refused
 before the model is loaded, unless ``--overwrite``; other files there are never touched.
 Both files are written under a temporary name and renamed when complete: a kill or a full
@@ -214,7 +216,7 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
                    split: str = "test", format: str | None = None, device: str = "auto",
                    seed: int = 0, progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
-                   overwrite: bool = False) -> RoutingReport:
+                   allow_changed_data: bool = False, overwrite: bool = False) -> RoutingReport:
     """Load the checkpoint and split (as ``training.evaluate``), write JSON and figure.
 
     A model without dMoE/MoE layers gets no figure; with ``overwrite`` an earlier
@@ -225,10 +227,14 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
         training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
             (an earlier report's) and not ``overwrite``; raised before the model is
             loaded, nothing is written.
+        training.data.DataError: ``data`` are not the data the checkpoint was trained on
+            (its manifest hash differs) and not ``allow_changed_data``, for a ``split``
+            other than ``"all"`` (``training.evaluate.checkpoint_split``); nothing is
+            written.
     """
     from .checkpoint import atomic_write_text
     from .data import read_case
-    from .evaluate import load_split
+    from .evaluate import checkpoint_split
     from .inference import Segmenter
     from .run_folder import existing_files, refuse_earlier_outputs
 
@@ -236,12 +242,10 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     if not overwrite:
         refuse_earlier_outputs(existing_files(out, OUTPUT_FILES), out)
     seg = Segmenter.from_checkpoint(checkpoint, device=device)
-    cfg = (seg.metadata.get("provenance") or {}).get("config") or {}
     attribute = seg.attribute_name
-    cases = load_split(data, split, format=format, seed=cfg.get("seed", seed),
-                       val_fraction=cfg.get("val_fraction", 0.15),
-                       test_fraction=cfg.get("test_fraction", 0.15), require_labels=False,
-                       attribute=attribute, spatial_dims=seg.spatial_dims)
+    cases = checkpoint_split(seg.metadata, checkpoint, data, split, format=format, seed=seed,
+                             allow_changed_data=allow_changed_data, require_labels=False,
+                             attribute=attribute)
     loaded = []
     for case in cases:
         image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> RoutingReport:
     try:
         report = routing_report(args.checkpoint, args.data, args.out, split=args.split,
                                 format=args.format, device=args.device,
+                                allow_changed_data=args.allow_changed_data,
                                 overwrite=args.overwrite)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")

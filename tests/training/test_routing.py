@@ -19,7 +19,7 @@ def fundus(tmp_path_factory):
     return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=9, seed=5)
 
 
-def _checkpoint(path, moe: str):
+def _checkpoint(path, moe: str, **metadata):
     import torch
 
     from training.checkpoint import save_checkpoint
@@ -36,7 +36,7 @@ def _checkpoint(path, moe: str):
     race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
     save_checkpoint(model, path, class_names=["background", "rim", "cup"], attribute=race,
                     preprocessing=Preprocessing(spatial_dims=2, image_size=(32, 32),
-                                                in_channels=1).to_dict())
+                                                in_channels=1).to_dict(), **metadata)
     return path
 
 
@@ -169,3 +169,33 @@ def test_overwrite_with_a_model_without_moe_removes_the_earlier_figure(fundus, t
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "routing.json"]
     assert report.stats == {"layers": {}} and report.removed == [out / "routing.png"]
     assert "removed the earlier routing.png" in capsys.readouterr().out
+
+
+def test_changed_data_are_refused_unless_allow_changed_data(fundus, tmp_path, capsys):
+    """As training.evaluate: a checkpoint records its data's manifest hash; data whose hash
+    differs are refused for a split other than all (exit 2, nothing written) unless
+    --allow-changed-data; the training data themselves are accepted."""
+    from training.data import assign_splits, combine_attributes, load_cases
+    from training.fitting.preparation import manifest_hash
+
+    cases = assign_splits(combine_attributes(load_cases(fundus), "race"), 0.15, 0.15, seed=0)
+    ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe", provenance={
+        "data_manifest_hash": manifest_hash(cases), "data_cases": len(cases),
+        "config": {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}})
+    lines = fundus.read_text().splitlines()
+    changed = fundus.with_name("changed.csv")  # two training cases fewer
+    changed.write_text("\n".join(lines[:-2]) + "\n")
+
+    def run(data, out, *extra):
+        return routing_cli.main(["--checkpoint", str(ckpt), "--data", str(data),
+                                 "--split", "test", "--out", str(tmp_path / out), *extra])
+
+    with pytest.raises(SystemExit) as info:
+        run(changed, "refused")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "these data are not the data" in err and "--allow-changed-data" in err
+    assert f"{len(cases) - 2} cases" in err and f"{len(cases)} cases" in err
+    assert not (tmp_path / "refused").exists()
+    assert run(changed, "allowed", "--allow-changed-data").stats["layers"]
+    assert run(fundus, "same").stats["layers"]
