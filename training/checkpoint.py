@@ -13,11 +13,11 @@ Loading parses and checks the header itself before any tensor is touched, so a p
 a truncated file or a foreign safetensors file is refused with a message naming the
 problem instead of a stack trace from deep inside a library.
 
-Every file the CLIs write (checkpoints, run state, reports, figures, label files) goes
-through one atomic write: :func:`atomic_write_bytes` (a writer callback), with
-:func:`write_bytes_atomic` (bytes), :func:`atomic_write_text` (text) and
-:func:`atomic_savefig` (a matplotlib figure) over it. A kill leaves the earlier file or the
-new one, never a torn one.
+Checkpoints, run state, ``history.csv``, predicted label files and every report and figure
+of ``evaluate``, ``routing`` and ``benchmark`` go through one atomic write,
+:func:`atomic_write_bytes` (a writer callback), with :func:`write_bytes_atomic` (bytes),
+:func:`atomic_write_text` (text) and :func:`atomic_savefig` (a matplotlib figure) over it:
+a kill leaves the earlier file or the new one, never a torn one.
 """
 
 from __future__ import annotations
