@@ -18,7 +18,9 @@ Public API (import from the submodules; nothing heavy is imported here):
   run's outputs without ``--overwrite``).
 - ``training.metrics``: ``case_scores``, ``equity_scaled``, ``fairness_summary``,
   ``RunningFairness``; ``training.report``: metrics.json / report.md / violin / compare.
-- ``training.checkpoint``: ``save_checkpoint``, ``load_checkpoint`` (safetensors, no pickle).
+- ``training.checkpoint``: ``save_checkpoint``, ``load_checkpoint`` (safetensors, no pickle);
+  ``atomic_write_bytes``, ``atomic_write_text``, ``atomic_savefig`` (temporary file + rename;
+  checkpoints, label files, reports and figures are written through them).
 - ``training.inference``: ``Segmenter`` (the one inference entry point), ``RoutingMap``,
   ``expert_usage``, ``Cancelled``, ``available_devices``.
 - ``training.stats``: paired bootstrap confidence intervals.

@@ -99,6 +99,7 @@ def cost_of(checkpoint: Path) -> dict[str, float]:
 
 def run_one(config: Any, data: str, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     """Train (or resume) one run, evaluate its best checkpoint on the test split."""
+    from .checkpoint import atomic_write_text
     from .evaluate import evaluate
     from .fitting import fit
 
@@ -116,8 +117,8 @@ def run_one(config: Any, data: str, log: Callable[[str], None]) -> tuple[list[di
     records = [{"id": str(r["id"]), "group": str(r.get("group")),
                 "dice": [float(v) for v in r["dice"]], "iou": [float(v) for v in r["iou"]]}
                for r in ev.records]
-    (out / "test" / "records.json").write_text(json.dumps(records))
-    (out / "test" / "run.json").write_text(json.dumps(info, indent=2))  # written last: done
+    atomic_write_text(out / "test" / "records.json", json.dumps(records))
+    atomic_write_text(out / "test" / "run.json", json.dumps(info, indent=2))  # last: done
     log(f"  ES-Dice {ev.summary['mean']['es_dice']:.4f} Dice {ev.summary['mean']['dice']:.4f} "
         f"(best epoch {result.best_epoch}, {info['seconds']:.0f} s)")
     return records, info

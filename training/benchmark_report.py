@@ -9,6 +9,7 @@ dict :func:`training.benchmark.summarise` builds (schema in ``training.benchmark
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,11 @@ from .stats import RunScores, attribute_parts_of, known_groups, summary_of
 
 def write_outputs(out: Path, runs: dict[str, dict[int, tuple[list[dict], dict]]],
                   summary: dict[str, Any]) -> None:
-    """results.csv, summary.json, summary.md and violin.png in ``out``."""
-    with open(out / "results.csv", "w", newline="") as f:
+    """results.csv, summary.json, summary.md and violin.png in ``out``, each replaced in one
+    step (``training.checkpoint.atomic_write_text``)."""
+    from .checkpoint import atomic_write_text
+
+    with io.StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "seed", "group", "n", "dice", "iou", "es_dice", "es_iou"])
         for m, by_seed in runs.items():
@@ -32,8 +36,9 @@ def write_outputs(out: Path, runs: dict[str, dict[int, tuple[list[dict], dict]]]
                 for g in known_groups(sc.groups):
                     w.writerow([m, s, g, int((sc.groups == g).sum()), f"{d['groups'][g]:.6f}",
                                 f"{i['groups'][g]:.6f}", "", ""])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown(summary))
+        atomic_write_text(out / "results.csv", f.getvalue(), newline="")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.md", summary_markdown(summary))
     plot_methods_violin(runs, out / "violin.png")
 
 
@@ -119,6 +124,8 @@ def plot_methods_violin(runs: dict[str, dict[int, tuple[list[dict], dict]]],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .checkpoint import atomic_savefig
+
     methods = list(runs)
     scores = {m: [RunScores.from_records(r[0]) for r in runs[m].values()] for m in methods}
     groups = sorted({g for m in methods for sc in scores[m] for g in known_groups(sc.groups)})
@@ -144,5 +151,4 @@ def plot_methods_violin(runs: dict[str, dict[int, tuple[list[dict], dict]]],
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("test Dice per case (mean over classes)")
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return atomic_savefig(fig, path)

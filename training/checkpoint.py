@@ -12,6 +12,12 @@ header's ``__metadata__`` holds one key, ``napari_dmoe``, whose value is a JSON 
 Loading parses and checks the header itself before any tensor is touched, so a pickle,
 a truncated file or a foreign safetensors file is refused with a message naming the
 problem instead of a stack trace from deep inside a library.
+
+Checkpoints, run state, ``history.csv``, predicted label files and every report and figure
+of ``evaluate``, ``routing`` and ``benchmark`` go through one atomic write,
+:func:`atomic_write_bytes` (a writer callback), with :func:`write_bytes_atomic` (bytes),
+:func:`atomic_write_text` (text) and :func:`atomic_savefig` (a matplotlib figure) over it:
+a kill leaves the earlier file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -216,6 +222,45 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
 
     return atomic_write_bytes(path, write)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8",
+                      newline: str | None = None) -> Path:
+    """:func:`atomic_write_bytes` for text: the same bytes as ``open(path, "w",
+    encoding=encoding, newline=newline).write(text)`` (``newline=""`` for CSV text that
+    already holds its line endings), but an earlier ``path`` is replaced only once the new
+    text is complete.
+
+    Raises:
+        CheckpointWriteError: as :func:`atomic_write_bytes` (``path`` unchanged, no
+            temporary file left).
+    """
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding=encoding, newline=newline) as f:
+            f.write(text)
+
+    return atomic_write_bytes(path, write)
+
+
+def atomic_savefig(figure: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """``figure.savefig(path, **savefig_kwargs)`` through :func:`atomic_write_bytes`: the
+    matplotlib figure is written to a temporary file beside ``path`` and renamed into place.
+
+    The format comes from ``path``'s suffix (passed on as ``format=``, since the temporary
+    name ends in ``.tmp``) unless ``savefig_kwargs`` names one.
+
+    Raises:
+        CheckpointWriteError: as :func:`atomic_write_bytes` (``path`` unchanged, no
+            temporary file left).
+    """
+    path = Path(path)
+    if "format" not in savefig_kwargs:
+        if not path.suffix:
+            raise ValueError(f"{path}: no suffix to choose the figure format from; "
+                             "name it e.g. figure.png or pass format=")
+        savefig_kwargs["format"] = path.suffix[1:].lower()
+    return atomic_write_bytes(path, lambda tmp: figure.savefig(tmp, **savefig_kwargs))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:

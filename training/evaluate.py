@@ -6,6 +6,9 @@
 table (rows = methods), printed and, with ``--out``, written to ``compare.md``.
 An ``--out`` that already holds any of these files (an earlier evaluation's) is refused
 before the model is loaded, unless ``--overwrite``; other files there are never touched.
+Each file is written under a temporary name and renamed when complete
+(``training.checkpoint.atomic_write_text`` / ``atomic_savefig``): a kill or a full disk
+(exit 4) leaves the earlier file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
                 f"trained on (manifest hash {now}, {len(cases)} cases; the checkpoint's "
                 f"{expected_hash}, {then}). Cases, files, splits or attributes changed, so "
                 "the split may now mix training cases into it. Use the original data, or pass "
-                "--allow-changed-data to evaluate anyway (e.g. a dataset that was only moved).")
+                "--allow-changed-data to use them anyway (e.g. a dataset that was only moved).")
     if split != "all":
         cases = [c for c in cases if c.split == split]
     if not cases:
@@ -147,6 +150,7 @@ def write_compare(dirs: list[Path], names: list[str] | None, out: str | Path | N
                   *, overwrite: bool = False) -> str:
     """The ``--compare`` table of evaluation folders ``dirs``; with ``out``, also written
     to ``out/compare.md`` (an existing one only with ``overwrite``, checked first)."""
+    from .checkpoint import atomic_write_text
     from .report import compare_markdown
     from .run_folder import existing_files, refuse_earlier_outputs
 
@@ -154,8 +158,7 @@ def write_compare(dirs: list[Path], names: list[str] | None, out: str | Path | N
         refuse_earlier_outputs(existing_files(out, [COMPARE_FILE]), out)
     table = compare_markdown(dirs, names)
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / COMPARE_FILE).write_text(table + "\n")
+        atomic_write_text(Path(out) / COMPARE_FILE, table + "\n")
     return table
 
 
@@ -173,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> EvaluationResult | str:
     parser = build_parser()
     args = parse_with_config(parser, argv)
+    from .checkpoint import CheckpointWriteError
     from .data import DataError
 
     try:
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> EvaluationResult | str:
                           overwrite=args.overwrite)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    except CheckpointWriteError as exc:  # disk full, read-only folder: the message says which
+        parser.exit(4, f"error: {exc}\n")
     mean = result.summary["mean"]
     print(f"{len(result.records)} cases: Dice {mean['dice']:.4f}  ES-Dice {mean['es_dice']:.4f}  "
           f"IoU {mean['iou']:.4f}  ES-IoU {mean['es_iou']:.4f}")

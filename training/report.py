@@ -11,6 +11,7 @@ count, e.g. ``White (n=152)``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,10 +48,9 @@ def _sections(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def write_metrics_json(summary: dict[str, Any], path: str | Path) -> Path:
     """Write a :func:`training.metrics.fairness_summary` result as indented JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
+    from training.checkpoint import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
 def write_per_case_csv(
@@ -68,12 +68,12 @@ def write_per_case_csv(
             ``unknown``).
         path: output file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from training.checkpoint import atomic_write_text
+
     n_fg = len(np.atleast_1d(records[0]["dice"])) if records else len(class_names) - 1
     fg = foreground_names(class_names, n_fg)
     header = ["id", attribute] + [f"dice_{c}" for c in fg] + [f"iou_{c}" for c in fg]
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with io.StringIO(newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for rec in records:
@@ -86,7 +86,7 @@ def write_per_case_csv(
                 )
             values = [f"{v:.6f}" for v in (*dice, *iou)]
             writer.writerow([rec["id"], group_name(rec.get("group")), *values])
-    return path
+        return atomic_write_text(path, fh.getvalue(), newline="")
 
 
 def _group_header(metric: str, name: str, n: int) -> str:
@@ -101,8 +101,8 @@ def write_report_md(
     Columns: ES-Dice, Dice, ES-IoU, IoU, then Dice per group and IoU per group, each
     group header naming its case count (e.g. ``Dice White (n=152)``).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from training.checkpoint import atomic_write_text
+
     groups = summary["mean"]["groups"]
     names = list(groups)
     total = sum(int(groups[g]["n"]) for g in names)
@@ -124,8 +124,7 @@ def write_report_md(
             _md_table(header, rows),
         ]
     )
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, text + "\n")
 
 
 def plot_violin(
@@ -140,10 +139,10 @@ def plot_violin(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from training.checkpoint import atomic_savefig
+
     if not records:
         raise ValueError("no records to plot; evaluate at least one case")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     dice = np.stack([np.atleast_1d(np.asarray(r["dice"], dtype=float)) for r in records])
     fg = foreground_names(class_names, dice.shape[1])
     groups = np.array([group_name(r.get("group")) for r in records], dtype=object)
@@ -171,8 +170,7 @@ def plot_violin(
         ax.set_ylabel("Dice" if c == 0 else "")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return atomic_savefig(fig, path)
 
 
 def _load_metrics(folder: Path) -> dict[str, Any]:

@@ -21,11 +21,19 @@ attribute value and once under every other value (each vocabulary value and
   group's cells whose top-1 expert changes when the attribute is swapped to ``v``;
   ``js_divergence["G1|G2"]`` Jensen–Shannon divergence (base 2, in [0, 1]) between the
   groups' ``top1_usage``, written for both orders (symmetric, 0 on the diagonal omitted);
-- ``routing.png``: per dMoE layer a heatmap group × expert of ``top1_usage``.
+- ``routing.png``: per dMoE layer a heatmap group × expert of ``top1_usage``. A model
+  without dMoE/MoE layers gets ``{"layers": {}}`` and no figure; with ``--overwrite`` an
+  earlier ``routing.png`` is then deleted, since it showed another model's routing and
+  would contradict the new ``routing.json`` beside it (a placeholder figure would pass for
+  a result).
 
-Cases and splits are chosen exactly as ``training.evaluate`` chooses them. An ``--out``
+Cases and splits are chosen exactly as ``training.evaluate`` chooses them, with the same
+check of the checkpoint's data hash: data that differ from the training data are refused
+for a split other than ``all`` unless ``--allow-changed-data``. An ``--out``
 that already holds ``routing.json`` or ``routing.png`` (an earlier report's) is refused
 before the model is loaded, unless ``--overwrite``; other files there are never touched.
+Both files are written under a temporary name and renamed when complete: a kill or a full
+disk (exit 4) leaves the earlier file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +58,13 @@ OUTPUT_FILES = ("routing.json", "routing.png")
 
 @dataclass
 class RoutingReport:
+    """``stats`` as written to ``out/routing.json``; ``removed``: files of an earlier report
+    deleted because this one has no counterpart (an earlier ``routing.png`` when the model
+    has no dMoE/MoE layer, with ``overwrite``)."""
+
     out: Path
     stats: dict[str, Any]
+    removed: list[Path] = field(default_factory=list)
 
 
 class _Accumulator:
@@ -160,6 +174,8 @@ def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .checkpoint import atomic_savefig
+
     layers = list(stats["layers"].items())
     if not layers:
         raise ValueError("no dMoE layer in the statistics: the model has no routing to plot")
@@ -190,26 +206,35 @@ def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Pa
     fig.supylabel("group (routing cells)", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label="top-1 usage")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
                    split: str = "test", format: str | None = None, device: str = "auto",
                    seed: int = 0, progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
-                   overwrite: bool = False) -> RoutingReport:
+                   allow_changed_data: bool = False, overwrite: bool = False) -> RoutingReport:
     """Load the checkpoint and split (as ``training.evaluate``), write JSON and figure.
+
+    A model without dMoE/MoE layers gets no figure; with ``overwrite`` an earlier
+    ``routing.png`` in ``out`` is deleted (before the JSON is replaced), so no figure of
+    another model's routing is left beside the new ``routing.json``.
 
     Raises:
         training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
             (an earlier report's) and not ``overwrite``; raised before the model is
             loaded, nothing is written.
+        training.data.DataError: ``data`` are not the data the checkpoint was trained on
+            (its manifest hash differs) and not ``allow_changed_data``, for a ``split``
+            other than ``"all"`` (``training.evaluate.checkpoint_split``); nothing is
+            written.
     """
+    from .checkpoint import atomic_write_text
     from .data import read_case
-    from .evaluate import load_split
+    from .evaluate import checkpoint_split
     from .inference import Segmenter
     from .run_folder import existing_files, refuse_earlier_outputs
 
@@ -217,24 +242,26 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     if not overwrite:
         refuse_earlier_outputs(existing_files(out, OUTPUT_FILES), out)
     seg = Segmenter.from_checkpoint(checkpoint, device=device)
-    cfg = (seg.metadata.get("provenance") or {}).get("config") or {}
     attribute = seg.attribute_name
-    cases = load_split(data, split, format=format, seed=cfg.get("seed", seed),
-                       val_fraction=cfg.get("val_fraction", 0.15),
-                       test_fraction=cfg.get("test_fraction", 0.15), require_labels=False,
-                       attribute=attribute, spatial_dims=seg.spatial_dims)
+    cases = checkpoint_split(seg.metadata, checkpoint, data, split, format=format, seed=seed,
+                             allow_changed_data=allow_changed_data, require_labels=False,
+                             attribute=attribute)
     loaded = []
     for case in cases:
         image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)
         loaded.append((image, case.attributes.get(attribute, "") if attribute else ""))
     stats = routing_statistics(seg, loaded, progress=progress, should_cancel=should_cancel)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "routing.json").write_text(json.dumps(stats, indent=2))
+    removed = []
+    figure = out / "routing.png"
+    if not stats["layers"] and overwrite and os.path.lexists(figure):
+        figure.unlink()  # first: a kill before the JSON is written leaves the earlier JSON
+        removed.append(figure)
+    atomic_write_text(out / "routing.json", json.dumps(stats, indent=2))
     if stats["layers"]:
-        plot_routing(stats, out / "routing.png",
+        plot_routing(stats, figure,
                      title=f"{Path(checkpoint).stem} on {split} ({len(loaded)} cases): "
                            f"top-1 expert usage per {attribute or 'group'}")
-    return RoutingReport(out, stats)
+    return RoutingReport(out, stats, removed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,14 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> RoutingReport:
     parser = build_parser()
     args = parse_with_config(parser, argv, required=("checkpoint", "data", "out"))
+    from .checkpoint import CheckpointWriteError
     from .data import DataError
 
     try:
         report = routing_report(args.checkpoint, args.data, args.out, split=args.split,
                                 format=args.format, device=args.device,
+                                allow_changed_data=args.allow_changed_data,
                                 overwrite=args.overwrite)
     except (DataError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    except CheckpointWriteError as exc:  # disk full, read-only folder: the message says which
+        parser.exit(4, f"error: {exc}\n")
     for name, layer in report.stats["layers"].items():
         print(name)
         for group, g in layer["groups"].items():
@@ -265,6 +296,9 @@ def main(argv: list[str] | None = None) -> RoutingReport:
             print(f"  {group:>10} (n={g['n_tokens']}): {used}; switched: {switch}")
     if not report.stats["layers"]:
         print("the model has no dMoE/MoE layer: nothing to report")
+    for path in report.removed:
+        print(f"removed the earlier {path.name}: another model's figure, which would not "
+              "match routing.json")
     print(f"wrote {report.out}/routing.json" + (", routing.png" if report.stats["layers"]
                                                  else ""))
     return report

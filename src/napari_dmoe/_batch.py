@@ -157,7 +157,12 @@ def segment_layers(segmenter: Any, jobs: Sequence[tuple[Any, Any, int | None, st
 def dataset_routing(checkpoint: Path, data: Path, out: Path, split: str = "test", *,
                     device: str = "auto", cancel: threading.Event | None = None,
                     poll: float = 0.05) -> Generator[_tasks.Progress, None, Any]:
-    """``training.routing.routing_report`` in a helper thread; None when cancelled."""
+    """``training.routing.routing_report`` in a helper thread; None when cancelled.
+
+    Data that differ from the checkpoint's training data (manifest hash) are accepted, as
+    before the CLI checked them: the dialog has no ``--allow-changed-data`` to offer, and the
+    bundled models' training data are not the user's (the figure's ``split`` may then
+    include training cases)."""
     from ._compat import prepare_torch
 
     prepare_torch()
@@ -168,7 +173,8 @@ def dataset_routing(checkpoint: Path, data: Path, out: Path, split: str = "test"
 
     def call(progress, should_cancel):
         return routing_report(checkpoint, data, out, split=split, device=device,
-                              progress=progress, should_cancel=should_cancel)
+                              progress=progress, should_cancel=should_cancel,
+                              allow_changed_data=True)
 
     try:
         return (yield from _tasks.run_in_thread(call, cancel, "cases", 1, 1, poll))

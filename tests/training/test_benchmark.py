@@ -132,6 +132,58 @@ def test_a_run_whose_evaluation_was_cut_short_is_evaluated_again(fundus, tmp_pat
     assert load_run(tmp_path, "none", 0) == (records, info)
 
 
+def _fake_runs():
+    rng = np.random.default_rng(0)
+
+    def records():
+        return [{"id": f"c{i}", "group": "ABC"[i % 3], "dice": list(rng.uniform(0, 1, 2)),
+                 "iou": list(rng.uniform(0, 1, 2))} for i in range(9)]
+
+    return {m: {s: (records(), {"params": 1000, "gflops": 0.5}) for s in (0, 1)}
+            for m in ("none", "febs")}
+
+
+@pytest.mark.parametrize("name", ["results.csv", "summary.json", "summary.md", "violin.png"])
+def test_a_summary_write_cut_short_keeps_that_earlier_file(tmp_path, name, disk_fills):
+    from training.benchmark import summarise
+    from training.benchmark_report import write_outputs
+
+    runs = _fake_runs()
+    (tmp_path / name).write_bytes(b"earlier summary")
+    disk_fills(tmp_path / name)
+    with pytest.raises(OSError, match="(?i)no space left"):
+        write_outputs(tmp_path, runs, summarise(runs, "none", 20))
+    assert (tmp_path / name).read_bytes() == b"earlier summary"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_json_cut_short_leaves_the_run_unfinished(tmp_path, monkeypatch, disk_fills):
+    """run.json marks a run as done: a write of it cut short leaves none (so a resumed
+    benchmark evaluates the run again) rather than a torn one that load_run cannot read."""
+    from types import SimpleNamespace
+
+    import training.benchmark
+    import training.evaluate
+    import training.fitting
+    from training.benchmark import load_run, run_dir, run_one
+
+    run = run_dir(tmp_path, "none", 0)
+    (run / "test").mkdir(parents=True)
+    monkeypatch.setattr(training.fitting, "fit", lambda config: SimpleNamespace(
+        best_checkpoint=run / "best.safetensors", best_epoch=1))
+    records = _fake_runs()["none"][0][0]
+    monkeypatch.setattr(training.evaluate, "evaluate", lambda *a, **k: SimpleNamespace(
+        records=records, summary={"mean": {"es_dice": 0.5, "dice": 0.6}}))
+    monkeypatch.setattr(training.benchmark, "cost_of", lambda path: {"params": 1,
+                                                                     "gflops": 0.1})
+    disk_fills(run / "test" / "run.json")
+    config = SimpleNamespace(out=str(run), format=None, device="cpu")
+    with pytest.raises(OSError, match="(?i)no space left"):
+        run_one(config, "data", log=lambda line: None)
+    assert sorted(p.name for p in (run / "test").iterdir()) == ["records.json"]
+    assert load_run(tmp_path, "none", 0) is None
+
+
 @pytest.mark.slow
 def test_evaluate_refuses_changed_data_and_select_is_recorded(fundus, tmp_path):
     from training.checkpoint import load_checkpoint

@@ -151,3 +151,51 @@ def test_header_length_starting_with_pickle_byte_is_still_a_checkpoint(tmp_path)
         pytest.fail("could not produce a header length ending in 0x80")
     loaded, meta = load_checkpoint(path)
     assert meta["note"].startswith("x")
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2), dpi=50)
+    FigureCanvasAgg(fig)
+    fig.subplots().plot([0, 1], [1, 0])
+    return fig
+
+
+def test_atomic_text_and_figure_writes_give_the_bytes_of_a_plain_write(tmp_path):
+    from training.checkpoint import atomic_savefig, atomic_write_text, temp_files
+
+    text = "id,race\r\na,Weiß\r\n"  # CSV line ends kept with newline=""
+    atomic_write_text(tmp_path / "a.csv", text, newline="")
+    with open(tmp_path / "plain.csv", "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "plain.csv").read_bytes()
+    fig = _figure()
+    assert atomic_savefig(fig, tmp_path / "a.png") == tmp_path / "a.png"
+    fig.savefig(tmp_path / "plain.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+    assert (atomic_savefig(fig, tmp_path / "a.svg")).read_bytes().startswith(b"<?xml")
+    with pytest.raises(ValueError, match="format="):
+        atomic_savefig(fig, tmp_path / "figure")
+    assert temp_files(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.png", "a.svg",
+                                                          "plain.csv", "plain.png"]
+
+
+@pytest.mark.parametrize("kind", ["text", "figure"])
+def test_a_text_or_figure_write_that_fails_halfway_keeps_the_earlier_file(tmp_path, kind,
+                                                                          disk_fills):
+    from training.checkpoint import CheckpointWriteError, atomic_savefig, atomic_write_text
+
+    path = tmp_path / ("notes.md" if kind == "text" else "figure.png")
+    path.write_bytes(b"earlier run")
+    disk_fills(path)
+    with pytest.raises(CheckpointWriteError, match=f"no space left.*previous {path.name} is "
+                                                   "unchanged"):
+        if kind == "text":
+            atomic_write_text(path, "new text\n" * 1000)
+        else:
+            atomic_savefig(_figure(), path)
+    assert path.read_bytes() == b"earlier run"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file

@@ -131,6 +131,32 @@ def test_evaluate_replaces_an_earlier_evaluation_only_with_overwrite(trained, fu
     assert "| a" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
+@pytest.mark.parametrize("name", evaluate_cli.OUTPUT_FILES)
+def test_evaluate_cut_short_while_writing_an_output_keeps_that_earlier_file(
+        trained, fundus, tmp_path, name, disk_fills, capsys):
+    """--overwrite into an earlier evaluation, the disk filling up halfway through ``name``:
+    exit 4 naming it; the files written before it are the new ones, ``name`` and those
+    after it are the earlier run's byte for byte, and no temporary file is left."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    earlier = {n: f"earlier {n}".encode() for n in evaluate_cli.OUTPUT_FILES}
+    for n, data in earlier.items():
+        (out / n).write_bytes(data)
+    disk_fills(out / name)
+    with pytest.raises(SystemExit) as info:
+        evaluate_cli.main(["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
+                           "--out", str(out), "--overwrite"])
+    assert info.value.code == 4
+    assert (f"error: cannot write {out / name}: no space left on the device" in
+            capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == sorted(evaluate_cli.OUTPUT_FILES)
+    k = evaluate_cli.OUTPUT_FILES.index(name)
+    for n in evaluate_cli.OUTPUT_FILES[:k]:
+        assert (out / n).read_bytes() != earlier[n], n
+    for n in evaluate_cli.OUTPUT_FILES[k:]:
+        assert (out / n).read_bytes() == earlier[n], n
+
+
 def test_predict_dataset_and_single_image(trained, fundus, tmp_path):
     rows = predict_cli.main(["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
                              "--split", "test", "--out", str(tmp_path / "p")])

@@ -117,3 +117,36 @@ def test_compare_markdown_bad_inputs(tmp_path):
         compare_markdown([])
     with pytest.raises(FileNotFoundError, match="training.evaluate"):
         compare_markdown([a, tmp_path / "missing"])
+
+
+def _write_compare(out, tmp_path):
+    from training.evaluate import write_compare
+
+    a = _eval_dir(tmp_path, "a", _records())
+    return write_compare([a, a], ["x", "y"], out, overwrite=True)
+
+
+WRITERS = {
+    "metrics.json": lambda out, _: write_metrics_json(
+        fairness_summary(_records(), CLASSES, "race"), out / "metrics.json"),
+    "per_case.csv": lambda out, _: write_per_case_csv(_records(), CLASSES, "race",
+                                                      out / "per_case.csv"),
+    "report.md": lambda out, _: write_report_md(fairness_summary(_records(), CLASSES, "race"),
+                                                out / "report.md"),
+    "violin.png": lambda out, _: plot_violin(_records(), CLASSES, out / "violin.png"),
+    "compare.md": _write_compare,
+}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_a_report_write_that_fails_halfway_keeps_the_earlier_file(tmp_path, name, disk_fills):
+    """A write cut short (here: the disk fills after half the bytes) leaves the earlier
+    file byte for byte and no temporary file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"an earlier run's file")
+    disk_fills(out / name)
+    with pytest.raises(OSError, match="(?i)no space left"):
+        WRITERS[name](out, tmp_path)
+    assert [p.name for p in out.iterdir()] == [name]
+    assert (out / name).read_bytes() == b"an earlier run's file"

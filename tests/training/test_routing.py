@@ -19,7 +19,7 @@ def fundus(tmp_path_factory):
     return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=9, seed=5)
 
 
-def _checkpoint(path, moe: str):
+def _checkpoint(path, moe: str, **metadata):
     import torch
 
     from training.checkpoint import save_checkpoint
@@ -36,7 +36,7 @@ def _checkpoint(path, moe: str):
     race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
     save_checkpoint(model, path, class_names=["background", "rim", "cup"], attribute=race,
                     preprocessing=Preprocessing(spatial_dims=2, image_size=(32, 32),
-                                                in_channels=1).to_dict())
+                                                in_channels=1).to_dict(), **metadata)
     return path
 
 
@@ -124,3 +124,78 @@ def test_an_earlier_report_is_replaced_only_with_overwrite(fundus, tmp_path, cap
     assert json.loads((out / "routing.json").read_text())["layers"]
     assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "notes.txt").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("name", routing_cli.OUTPUT_FILES)
+def test_a_report_cut_short_while_writing_keeps_that_earlier_file(fundus, tmp_path, name,
+                                                                  disk_fills, capsys):
+    """--overwrite, the disk filling up halfway through ``name``: exit 4 naming it; ``name``
+    (and the figure, written after the JSON) is the earlier report's byte for byte; no
+    temporary file."""
+    ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"routing.json": b'{"layers": {}}', "routing.png": b"earlier figure"}
+    for n, data in earlier.items():
+        (out / n).write_bytes(data)
+    disk_fills(out / name)
+    with pytest.raises(SystemExit) as info:
+        routing_cli.main(["--checkpoint", str(ckpt), "--data", str(fundus), "--split", "all",
+                          "--out", str(out), "--overwrite"])
+    assert info.value.code == 4
+    assert (f"error: cannot write {out / name}: no space left on the device" in
+            capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["routing.json", "routing.png"]
+    assert (out / "routing.png").read_bytes() == b"earlier figure"
+    if name == "routing.json":
+        assert (out / "routing.json").read_bytes() == earlier["routing.json"]
+    else:  # the JSON was written first
+        assert json.loads((out / "routing.json").read_text())["layers"]
+
+
+def test_overwrite_with_a_model_without_moe_removes_the_earlier_figure(fundus, tmp_path,
+                                                                       capsys):
+    """routing.json says there is no routing; the earlier report's routing.png (another
+    model's routing) must not stay beside it. Other files are kept."""
+    ckpt = _checkpoint(tmp_path / "plain.safetensors", "none")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "routing.json").write_text('{"layers": {"block0": {}}}')
+    (out / "routing.png").write_bytes(b"\x89PNG an earlier model's figure")
+    (out / "notes.txt").write_bytes(b"mine")
+    report = routing_cli.main(["--checkpoint", str(ckpt), "--data", str(fundus),
+                               "--split", "all", "--out", str(out), "--overwrite"])
+    assert json.loads((out / "routing.json").read_text()) == {"layers": {}}
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "routing.json"]
+    assert report.stats == {"layers": {}} and report.removed == [out / "routing.png"]
+    assert "removed the earlier routing.png" in capsys.readouterr().out
+
+
+def test_changed_data_are_refused_unless_allow_changed_data(fundus, tmp_path, capsys):
+    """As training.evaluate: a checkpoint records its data's manifest hash; data whose hash
+    differs are refused for a split other than all (exit 2, nothing written) unless
+    --allow-changed-data; the training data themselves are accepted."""
+    from training.data import assign_splits, combine_attributes, load_cases
+    from training.fitting.preparation import manifest_hash
+
+    cases = assign_splits(combine_attributes(load_cases(fundus), "race"), 0.15, 0.15, seed=0)
+    ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe", provenance={
+        "data_manifest_hash": manifest_hash(cases), "data_cases": len(cases),
+        "config": {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}})
+    lines = fundus.read_text().splitlines()
+    changed = fundus.with_name("changed.csv")  # two training cases fewer
+    changed.write_text("\n".join(lines[:-2]) + "\n")
+
+    def run(data, out, *extra):
+        return routing_cli.main(["--checkpoint", str(ckpt), "--data", str(data),
+                                 "--split", "test", "--out", str(tmp_path / out), *extra])
+
+    with pytest.raises(SystemExit) as info:
+        run(changed, "refused")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "these data are not the data" in err and "--allow-changed-data" in err
+    assert f"{len(cases) - 2} cases" in err and f"{len(cases)} cases" in err
+    assert not (tmp_path / "refused").exists()
+    assert run(changed, "allowed", "--allow-changed-data").stats["layers"]
+    assert run(fundus, "same").stats["layers"]

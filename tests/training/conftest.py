@@ -1,0 +1,60 @@
+"""Fixtures for the training tests: a disk that fills up in the middle of a write."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+
+class _HalfWrite:
+    """A file opened for writing whose first ``write`` stores half of its data, then fails
+    as a full disk does (``OSError`` ENOSPC): the file is left torn."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def write(self, data):
+        self._file.write(data[: len(data) // 2])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+@pytest.fixture
+def disk_fills(monkeypatch):
+    """``disk_fills(path)``: from then on, a write of ``path`` (or of a temporary file beside
+    it named ``.<name>.…``) stores half its bytes and raises ENOSPC, whoever opens the file
+    (``open``, ``Path.write_text``, csv, Pillow under matplotlib's ``savefig``). Other files
+    are written normally."""
+    real_open = builtins.open
+    targets: list[Path] = []
+
+    def hit(file) -> bool:
+        if not isinstance(file, (str, bytes, os.PathLike)):
+            return False
+        p = Path(os.fsdecode(file)).resolve()
+        return any(p.parent == t.parent and (p.name == t.name or p.name.startswith(f".{t.name}."))
+                   for t in targets)
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if any(c in mode for c in "wax+") and hit(file):
+            return _HalfWrite(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    return lambda path: targets.append(Path(path).resolve())
