@@ -29,11 +29,18 @@ shared machine hit both alike. With a MoE mode, a second pass of ``--steps`` ste
 the layers inside the step (forward and backward hooks on each layer, see
 :class:`LayerTimer`) and prints their share of it: the steadier figure, since it divides
 two times of the same process.
+
+``--interleave`` (one process, with ``--moe``) builds every mode's network in one process
+and alternates single training steps between them (``--steps`` each, after ``--warmup``):
+the time a mode adds is then the median over the steps of ``t(mode) / t(none) - 1`` for
+neighbouring steps, which sees everything a step does (optimizer, transposes, cache
+effects) but not the ±30 % by which whole processes of the same work differed here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -52,41 +59,99 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _image_size(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(args.patch) if args.patch else (args.image_size,) * 2
+
+
+def _model(args: argparse.Namespace, moe: str):
+    """The benchmarked network in MoE mode ``moe`` (same seed for every mode)."""
+    import torch
+
+    from training.networks import create_model
+
+    torch.manual_seed(0)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else (
+        dict(DEFAULT_TRANSUNET_KWARGS) if args.arch == "transunet" else {})
+    if args.arch == "transunet":
+        kwargs.setdefault("img_size", args.image_size)
+    else:
+        kwargs.setdefault("spatial_dims", len(_image_size(args)))
+    return create_model(args.arch, preset=args.preset, in_channels=1, out_channels=3,
+                        moe=moe, num_attributes=3, **kwargs)
+
+
+def _batches(args: argparse.Namespace, rank: int) -> list[dict]:
+    import torch
+
+    size = _image_size(args)
+    g = torch.Generator().manual_seed(rank)
+    return [{"image": torch.rand(args.batch_size, 1, *size, generator=g),
+             "label": torch.randint(0, 3, (args.batch_size, *size), generator=g),
+             "attr": torch.randint(0, 3, (args.batch_size,), generator=g)}
+            for _ in range(4)]
+
+
+def _trainer(args: argparse.Namespace, net, model, batches: list[dict]):
+    """``run(steps) -> seconds``: that many optimisation steps of ``net`` (``model``, maybe
+    wrapped) with ``training.engine``, AdamW as ``training.fit`` uses by default."""
+    import torch
+
+    from training.engine import autocast_for, train_one_epoch
+    from training.losses import build_loss
+
+    loss_fn = build_loss("dicece", num_classes=3, num_groups=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    autocast = autocast_for(args.precision, torch.device("cpu"))
+    done = [0]
+
+    def run(steps: int) -> float:
+        loader = [batches[(done[0] + i) % len(batches)] for i in range(steps)]
+        done[0] += steps
+        return train_one_epoch(net, loader, loss_fn, opt, torch.device("cpu"),
+                               autocast=autocast).seconds
+    return run
+
+
+def _interleaved_worker(args: argparse.Namespace) -> None:
+    """One process, every mode of ``--moe``: single steps alternate between the networks."""
+    import torch
+
+    modes = args.moe_mode.split(",")
+    batches = _batches(args, 0)
+    models = {m: _model(args, m) for m in modes}
+    runs = {m: _trainer(args, models[m], models[m], batches) for m in modes}
+    for m in modes:
+        runs[m](args.warmup)
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.steps):
+        for m in modes:
+            seconds[m].append(runs[m](1))
+    layers: dict[str, list[float]] = {m: [] for m in modes}
+    with contextlib.ExitStack() as hooks:  # a second pass, timing the (d)MoE layers
+        timers = {m: hooks.enter_context(LayerTimer(models[m])) for m in modes if m != "none"}
+        for _ in range(args.steps):
+            for m in modes:
+                before = timers[m].seconds if m in timers else 0.0
+                step = runs[m](1)
+                if m in timers:
+                    layers[m].append((timers[m].seconds - before) / step)
+    print("RESULT " + json.dumps({
+        "threads": torch.get_num_threads(), "seconds": seconds, "layer_shares": layers,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }), flush=True)
+
+
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
     from training.distributed import setup_distributed, sum_floats, teardown_distributed
-    from training.engine import autocast_for, train_one_epoch
-    from training.losses import build_loss
-    from training.networks import create_model
 
     info = setup_distributed(torch.device("cpu"))
-    torch.manual_seed(0)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else (
-        dict(DEFAULT_TRANSUNET_KWARGS) if args.arch == "transunet" else {})
-    size = tuple(args.patch) if args.patch else (args.image_size,) * 2
-    if args.arch == "transunet":
-        kwargs.setdefault("img_size", args.image_size)
-    else:
-        kwargs.setdefault("spatial_dims", len(size))
-    model = create_model(args.arch, preset=args.preset, in_channels=1, out_channels=3,
-                         moe=args.moe_mode, num_attributes=3, **kwargs)
+    model = _model(args, args.moe_mode)
     net = model
     if info.distributed:
         net = torch.nn.parallel.DistributedDataParallel(model)
-    loss_fn = build_loss("dicece", num_classes=3, num_groups=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(info.rank)
-    batches = [{"image": torch.rand(args.batch_size, 1, *size, generator=g),
-                "label": torch.randint(0, 3, (args.batch_size, *size), generator=g),
-                "attr": torch.randint(0, 3, (args.batch_size,), generator=g)}
-               for _ in range(4)]
-    autocast = autocast_for(args.precision, torch.device("cpu"))
-
-    def run(steps: int) -> float:
-        loader = [batches[i % len(batches)] for i in range(steps)]
-        return train_one_epoch(net, loader, loss_fn, opt, torch.device("cpu"),
-                               autocast=autocast).seconds
+    run = _trainer(args, net, model, _batches(args, info.rank))
 
     run(args.warmup)
     seconds = run(args.steps)
@@ -201,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{json.dumps(DEFAULT_TRANSUNET_KWARGS)})")
     p.add_argument("--moe-mode", default="dmoe", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help="torch threads per process (default: cores // N)")
+    p.add_argument("--interleave", action="store_true",
+                   help="one process: alternate single steps between the --moe modes' "
+                        "networks (see the module docstring)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -209,13 +277,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.worker:
-        _worker(args)
+        (_interleaved_worker if args.interleave else _worker)(args)
         return []
     if args.patch and (args.arch != "resunet" or len(args.patch) not in (2, 3)):
         raise SystemExit(f"--patch takes 2 or 3 sizes and --arch resunet, got {args.patch} "
                          f"with --arch {args.arch}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     passthrough = _strip(argv, "--moe", "--rounds", "--processes")
+    if args.interleave:
+        return [_interleaved(args, passthrough)]
     size = "x".join(map(str, args.patch)) if args.patch else f"{args.image_size}px"
     print(f"{args.arch}/{args.preset} {size}, batch {args.batch_size}/process, "
           f"{args.steps} steps, {args.precision}, {os.cpu_count()} cores, "
@@ -251,6 +321,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"(medians of {args.rounds}): the {moe} layers take {1 - base / t:.1%} "
                       f"of a step, +{t / base - 1:.1%} over the network without them")
     return results
+
+
+def _interleaved(args: argparse.Namespace, passthrough: list[str]) -> dict:
+    """``--interleave``: one worker process runs every mode; prints per-mode step times and
+    each MoE mode's added time against ``none`` over neighbouring steps."""
+    if args.processes != [1] or "none" not in args.moe or len(args.moe) < 2:
+        raise SystemExit("--interleave compares --moe none and MoE modes in one process: "
+                         "give --processes 1 and --moe none dmoe (or moe)")
+    r = _launch(1, args, passthrough + ["--processes", "1"], ",".join(args.moe))
+    size = "x".join(map(str, args.patch)) if args.patch else f"{args.image_size}px"
+    print(f"{args.arch}/{args.preset} {size}, batch {args.batch_size}, {args.precision}, "
+          f"{r['threads']} thread(s), one process, {args.steps} alternating steps per mode "
+          f"(after {args.warmup}), load average {os.getloadavg()[0]:.1f}; peak RSS "
+          f"{r['peak_rss_mb']:.0f} MB for all {len(args.moe)} networks")
+    base = r["seconds"]["none"]
+    for moe in args.moe:
+        t = r["seconds"][moe]
+        line = (f"{moe:>5}: {statistics.median(t):.3f} s/step "
+                f"({min(t):.3f}–{max(t):.3f})")
+        if moe != "none":
+            added = [a / b - 1 for a, b in zip(t, base)]
+            shares = r["layer_shares"][moe]
+            share = statistics.median(shares)
+            line += (f"; adds {statistics.median(added):+.1%} (neighbouring steps: median, "
+                     f"quartiles {_quartiles(added)}) to the network without them; timed "
+                     f"inside the step its layers take {share:.1%} of it, "
+                     f"+{share / (1 - share):.1%} over the rest")
+        print(line, flush=True)
+    return r
+
+
+def _quartiles(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return f"{q[0]:+.1%}…{q[2]:+.1%}"
 
 
 def _strip(argv: list[str], *options: str) -> list[str]:
