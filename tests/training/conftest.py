@@ -1,4 +1,5 @@
-"""Fixtures for the training tests: a disk that fills up in the middle of a write."""
+"""Fixtures for the training tests: a disk that fills up in the middle of a write; a CLI
+run refused because its ``--out`` holds an earlier run."""
 
 from __future__ import annotations
 
@@ -58,3 +59,26 @@ def disk_fills(monkeypatch):
     monkeypatch.setattr(builtins, "open", fake_open)
     monkeypatch.setattr(io, "open", fake_open)
     return lambda path: targets.append(Path(path).resolve())
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Write ``files`` (name -> bytes) into ``folder``; returns ``files``."""
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+@pytest.fixture
+def refused_before_loading(monkeypatch, capsys):
+    """``refused_before_loading(main, argv) -> stderr``: run the CLI ``main(argv)``, assert
+    it exits with 2 without loading a checkpoint, and return what it printed to stderr."""
+    from training.inference import Segmenter
+
+    def run(main, argv: list[str]) -> str:
+        with monkeypatch.context() as m:
+            m.setattr(Segmenter, "from_checkpoint", classmethod(lambda *a, **k: 1 / 0))
+            with pytest.raises(SystemExit) as info:
+                main(argv)
+        assert info.value.code == 2
+        return capsys.readouterr().err
+    return run

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.training.conftest import write_files
 from training import evaluate as evaluate_cli
 from training import fit as fit_cli
 from training import predict as predict_cli
@@ -91,23 +92,14 @@ def test_evaluate_writes_report_in_schema(trained, fundus, tmp_path):
 
 
 def test_evaluate_replaces_an_earlier_evaluation_only_with_overwrite(trained, fundus, tmp_path,
-                                                                     capsys, monkeypatch):
-    from training.inference import Segmenter
-
+                                                                     refused_before_loading):
     out = tmp_path / "eval"
     out.mkdir()
-    earlier = {"metrics.json": b'{"earlier": 1}\n', "report.md": b"earlier report\n",
-               "notes.txt": b"mine"}
-    for name, data in earlier.items():
-        (out / name).write_bytes(data)
+    earlier = write_files(out, {"metrics.json": b'{"earlier": 1}\n',
+                                "report.md": b"earlier report\n", "notes.txt": b"mine"})
     argv = ["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
             "--out", str(out)]
-    with monkeypatch.context() as m:  # refused before the checkpoint is loaded
-        m.setattr(Segmenter, "from_checkpoint", classmethod(lambda *a, **k: 1 / 0))
-        with pytest.raises(SystemExit) as info:
-            evaluate_cli.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    err = refused_before_loading(evaluate_cli.main, argv)
     assert (f"{out} already holds 2 file(s) from an earlier run that this run would "
             "replace: metrics.json, report.md. Nothing was written; pass --overwrite") in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
@@ -122,10 +114,8 @@ def test_evaluate_replaces_an_earlier_evaluation_only_with_overwrite(trained, fu
     (tmp_path / "cmp" / "compare.md").write_text("earlier table\n")
     compare = ["--compare", str(out), str(out), "--names", "a", "b", "--out",
                str(tmp_path / "cmp")]
-    with pytest.raises(SystemExit) as info:
-        evaluate_cli.main(compare)
-    assert info.value.code == 2
-    assert "compare.md. Nothing was written; pass --overwrite" in capsys.readouterr().err
+    err = refused_before_loading(evaluate_cli.main, compare)
+    assert "compare.md. Nothing was written; pass --overwrite" in err
     assert (tmp_path / "cmp" / "compare.md").read_text() == "earlier table\n"
     evaluate_cli.main([*compare, "--overwrite"])
     assert "| a" in (tmp_path / "cmp" / "compare.md").read_text()

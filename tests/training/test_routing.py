@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from tests.training.conftest import write_files
 from training import routing as routing_cli
 from training.routing import js_divergence
 
@@ -98,25 +99,16 @@ def test_js_divergence_bounds():
     assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
 
 
-def test_an_earlier_report_is_replaced_only_with_overwrite(fundus, tmp_path, capsys,
-                                                           monkeypatch):
-    from training.inference import Segmenter
-
+def test_an_earlier_report_is_replaced_only_with_overwrite(fundus, tmp_path,
+                                                           refused_before_loading):
     ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe")
     out = tmp_path / "out"
     out.mkdir()
-    earlier = {"routing.json": b'{"layers": {}}', "routing.png": b"earlier figure",
-               "notes.txt": b"mine"}
-    for name, data in earlier.items():
-        (out / name).write_bytes(data)
+    earlier = write_files(out, {"routing.json": b'{"layers": {}}',
+                                "routing.png": b"earlier figure", "notes.txt": b"mine"})
     argv = ["--checkpoint", str(ckpt), "--data", str(fundus), "--split", "all",
             "--out", str(out)]
-    with monkeypatch.context() as m:  # refused before the checkpoint is loaded
-        m.setattr(Segmenter, "from_checkpoint", classmethod(lambda *a, **k: 1 / 0))
-        with pytest.raises(SystemExit) as info:
-            routing_cli.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    err = refused_before_loading(routing_cli.main, argv)
     assert (f"{out} already holds 2 file(s) from an earlier run that this run would "
             "replace: routing.json, routing.png. Nothing was written; pass --overwrite") in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
