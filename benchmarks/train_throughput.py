@@ -6,7 +6,7 @@ Usage::
         [--arch transunet] [--image-size 64] [--precision fp32|bf16] [--threads T]
     # 3D ResUNet, with and without the dMoE layers (share of a step they take):
     python benchmarks/train_throughput.py --arch resunet --preset tiny --patch 64 64 32 \
-        --batch-size 4 --moe none dmoe --processes 1
+        --batch-size 4 --moe none dmoe --processes 1 --interleave
     python benchmarks/train_throughput.py --arch resunet --preset paper --patch 128 128 64 \
         --batch-size 2 --moe none dmoe --processes 1
 
