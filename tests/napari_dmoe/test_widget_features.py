@@ -183,14 +183,19 @@ def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_pa
     shot(viewer, qtbot, f"features_switch_{moe}.png")
 
 
+def _scan_folder(folder, n: int):
+    """``folder`` with ``n`` random grey 48x56 PNGs ``scan0.png``, …"""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        PILImage.fromarray((rng.random((48, 56)) * 255).astype(np.uint8)).save(
+            folder / f"scan{i}.png")
+    return folder
+
+
 def test_batch_folder_and_open_images(open_widget, qtbot, tmp_path):  # noqa: F811
     viewer, widget = open_widget("fundus")
-    source = tmp_path / "images"
-    source.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        PILImage.fromarray((rng.random((48, 56)) * 255).astype(np.uint8)).save(
-            source / f"scan{i}.png")
+    source = _scan_folder(tmp_path / "images", 3)
     with pytest.raises(ValueError, match="inside the input folder"):
         _batch.check_folders(source, source / "out")
     out = tmp_path / "out"
@@ -202,7 +207,7 @@ def test_batch_folder_and_open_images(open_widget, qtbot, tmp_path):  # noqa: F8
     assert np.asarray(PILImage.open(out / rows[0]["file"])).shape == (48, 56)
     assert "Wrote 3 label file(s)" in widget.status.text()
 
-    viewer.add_image(rng.random((40, 44)).astype(np.float32), name="second")
+    viewer.add_image(np.random.default_rng(1).random((40, 44)).astype(np.float32), name="second")
     n = len(viewer.layers)
     _actions.start_batch_layers(widget)
     wait_idle(qtbot, widget)
@@ -216,12 +221,7 @@ def test_batch_asks_before_replacing_an_earlier_runs_files(open_widget, qtbot,  
     from qtpy.QtWidgets import QMessageBox
 
     viewer, widget = open_widget("fundus")
-    source = tmp_path / "images"
-    source.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        PILImage.fromarray((rng.random((48, 56)) * 255).astype(np.uint8)).save(
-            source / f"scan{i}.png")
+    source = _scan_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     out.mkdir()
     earlier = {"scan0.png": b"earlier mask", "predictions.csv": b"id,attribute_value,file\n",
