@@ -168,11 +168,13 @@ def _group_key(routers: list[str]) -> Callable[[str], int]:
 
 
 def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """``routing.png``: one heatmap (groups × experts, top-1 usage) per dMoE layer."""
-    import matplotlib
+    """``routing.png``: one heatmap (groups × experts, top-1 usage) per dMoE layer.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Renders with the Agg canvas directly (as ``training.report.plot_violin``): no pyplot,
+    so matplotlib's global backend and figure list stay as they were (inside napari too).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from .checkpoint import atomic_savefig
 
@@ -184,8 +186,10 @@ def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Pa
     first_groups = layers[0][1]["groups"]
     n_groups = len(first_groups)
     n_experts = len(next(iter(first_groups.values()))["top1_usage"])
-    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained", figsize=(
+    fig = Figure(layout="constrained", figsize=(
         1.8 + cols * (0.42 * n_experts + 0.6), 0.9 + rows * (0.36 * n_groups + 0.9)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     image = None
     for ax in axes.ravel()[len(layers):]:
         ax.axis("off")
@@ -206,10 +210,7 @@ def plot_routing(stats: dict[str, Any], path: str | Path, title: str = "") -> Pa
     fig.supylabel("group (routing cells)", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label="top-1 usage")
-    try:
-        return atomic_savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return atomic_savefig(fig, path, dpi=110)
 
 
 def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,

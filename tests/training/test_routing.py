@@ -99,6 +99,21 @@ def test_js_divergence_bounds():
     assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
 
 
+def test_the_figure_leaves_matplotlibs_global_backend_alone(tmp_path, monkeypatch):
+    """Inside napari other plugins plot through pyplot on a Qt backend: drawing
+    ``routing.png`` must not switch matplotlib's global backend (``matplotlib.use``)."""
+    import matplotlib
+
+    calls = []
+    monkeypatch.setattr(matplotlib, "use", lambda *args, **kwargs: calls.append(args))
+    backend = matplotlib.get_backend()
+    group = {"n_tokens": 4, "top1_usage": [0.75, 0.25]}
+    stats = {"layers": {"block0": {"groups": {"Asian": group, "Black": group}}}}
+    path = routing_cli.plot_routing(stats, tmp_path / "routing.png")
+    assert calls == [] and matplotlib.get_backend() == backend
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_an_earlier_report_is_replaced_only_with_overwrite(fundus, tmp_path,
                                                            refused_before_loading):
     ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe")
