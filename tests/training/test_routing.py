@@ -175,7 +175,10 @@ def test_overwrite_with_a_model_without_moe_removes_the_earlier_figure(fundus, t
     assert json.loads((out / "routing.json").read_text()) == {"layers": {}}
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "routing.json"]
     assert report.stats == {"layers": {}} and report.removed == [out / "routing.png"]
-    assert "removed the earlier routing.png" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "removed the earlier routing.png" in printed
+    assert "the model has no dMoE/MoE layer: nothing to report" in printed
+    assert printed.splitlines()[-1] == f"wrote {out}/routing.json"  # no routing.png claimed
 
 
 def test_changed_data_are_refused_unless_allow_changed_data(fundus, tmp_path, capsys):
