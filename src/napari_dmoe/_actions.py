@@ -10,7 +10,8 @@
   output folder holding an earlier run's files that the run would replace (same case ids,
   ``predictions.csv``) is used only after the user confirms replacing them.
 - **Dataset routing…** runs ``training.routing`` on a manifest or dataset folder in a
-  worker and shows ``routing.png`` in a small dialog.
+  worker and shows ``routing.png`` in a small dialog; a model without dMoE/MoE layers has
+  no routing (``training.routing`` writes no figure), which the status line says instead.
 """
 
 from __future__ import annotations
@@ -299,32 +300,55 @@ def dataset_routing_dialog(widget: Any) -> None:
 
 
 def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test") -> None:
+    """Run ``training.routing`` into ``out`` in a worker, then show its figure
+    (:func:`show_figure`, kept as ``widget.routing_figure``); a model without dMoE/MoE
+    layers gets no figure, and the status line says there is no routing to show."""
+    name = widget.model_entry.name
+    seg = widget.segmenter
+    one_router = seg is not None and not seg.uses_attribute
+    attribute = (seg.attribute_name if seg is not None else None) or "the attribute"
+
     def done(report: Any) -> None:
         if report is None:
             widget._set_status("Cancelled: no routing figure.", "gray")
             return
+        if not report.stats["layers"]:
+            widget.routing_figure = None
+            widget._set_status(f"{name} has no dMoE/MoE layers, so there is no expert "
+                               "routing to show (no figure was made).", "#d08770")
+            return
         widget._set_status(f"Wrote {out / 'routing.json'} and routing.png", "#a3be8c")
-        widget.routing_figure = show_figure(widget, out / "routing.png")
+        note = (f"{name} is an attribute-blind MoE: one router for every group, so swapping "
+                f"{attribute} changes no expert; differences between the rows come from the "
+                "images alone." if one_router else "")
+        widget.routing_figure = show_figure(widget, out / "routing.png", note)
 
     _run_job(widget, _batch.dataset_routing, widget.model_entry.path, data, out, split,
              device=widget.device_combo.currentText() or "auto", done=done, unit="case")
 
 
-def show_figure(widget: Any, path: Path) -> QDialog:
+def show_figure(widget: Any, path: Path, note: str = "") -> QDialog:
+    """A dialog with the figure ``path``, its path and ``note`` below it.
+
+    Raises:
+        ValueError: ``path`` is not a readable image (no empty dialog is shown).
+    """
+    pixmap = QPixmap(str(path))
+    if pixmap.isNull():
+        raise ValueError(f"{path} is missing or not an image; nothing to show.")
     dialog = QDialog(widget)
     dialog.setWindowTitle(f"Dataset routing — {path}")
     label = QLabel()
-    label.setPixmap(QPixmap(str(path)))
+    label.setPixmap(pixmap)
     label.setAlignment(Qt.AlignmentFlag.AlignCenter)
     scroll = QScrollArea()
     scroll.setWidget(label)
-    caption = QLabel(f"{path} (and routing.json beside it)")
+    caption = QLabel(f"{path} (and routing.json beside it)" + (f"\n{note}" if note else ""))
     caption.setWordWrap(True)
     caption.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     layout = QVBoxLayout(dialog)
     layout.addWidget(scroll)
     layout.addWidget(caption)
-    pixmap = label.pixmap()
     dialog.resize(min(pixmap.width() + 40, 1400), min(pixmap.height() + 80, 900))
     dialog.show()
     return dialog

@@ -8,6 +8,7 @@ import csv
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from qtpy.QtWidgets import QApplication, QDialog, QLabel
 
 from napari_dmoe import _actions, _batch
 from napari_dmoe.__main__ import add_layer_data
@@ -264,9 +265,56 @@ def test_dataset_routing_figure_in_a_dialog(open_widget, qtbot, tmp_path):  # no
     assert (out / "routing.json").is_file() and (out / "routing.png").is_file()
     dialog = widget.routing_figure
     assert dialog.isVisible() and str(out / "routing.png") in dialog.windowTitle()
+    assert "attribute-blind" not in " ".join(label.text() for label in
+                                             dialog.findChildren(QLabel))
     qtbot.wait(300)
     dialog.grab().save(str(tmp_path / "dialog.png"))
     dialog.close()
+
+
+@pytest.mark.parametrize("moe", ["none", "moe"])
+def test_dataset_routing_without_dmoe_layers_says_what_there_is(make_napari_viewer, qtbot,
+                                                                 tmp_path, moe):
+    """No MoE layer: training.routing writes no figure, so no dialog opens and the status
+    says there is no routing (never "wrote routing.png"). Attribute-blind MoE: the figure,
+    and the dialog says every row went through one router."""
+    from training.data import make_synthetic_dataset
+
+    data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
+    ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    add_layer_data(viewer, load_sample("fundus"))
+    widget = DMoEWidget(viewer, model=ckpt)
+    viewer.window.add_dock_widget(widget, name="dMoE segmentation", area="right")
+    wait_idle(qtbot, widget)
+    out = tmp_path / "routing"
+    _actions.start_dataset_routing(widget, data, out, split="all")
+    wait_idle(qtbot, widget)
+    qtbot.wait(200)
+    shown = [w for w in QApplication.topLevelWidgets() if isinstance(w, QDialog)
+             and w.isVisible() and str(out) in w.windowTitle()]
+    text = widget.status.text()
+    if moe == "none":
+        assert sorted(p.name for p in out.iterdir()) == ["routing.json"]
+        assert text == ("fundus_none has no dMoE/MoE layers, so there is no expert routing "
+                        "to show (no figure was made).")
+        assert widget.routing_figure is None and shown == []
+        shot(viewer, qtbot, "routing_no_moe.png")
+    else:
+        assert text == f"Wrote {out / 'routing.json'} and routing.png"
+        assert shown == [widget.routing_figure]
+        caption = " ".join(label.text() for label in shown[0].findChildren(QLabel))
+        assert ("fundus_moe is an attribute-blind MoE: one router for every group, so "
+                "swapping race changes no expert") in caption
+        shown[0].close()
+
+
+def test_a_figure_that_cannot_be_read_opens_no_empty_dialog(qtbot, tmp_path):
+    with pytest.raises(ValueError, match="routing.png is missing or not an image"):
+        _actions.show_figure(None, tmp_path / "routing.png")
+    assert not [w for w in QApplication.topLevelWidgets() if isinstance(w, QDialog)
+                and w.isVisible() and str(tmp_path) in w.windowTitle()]
 
 
 def test_batch_dataset_cancel_says_how_many_cases_were_written(open_widget, qtbot,  # noqa: F811
