@@ -28,6 +28,7 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ FAULT_PHASES = ("torn", "written", "replaced")
 _write_steps = [0]
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+_TEMP_RANDOM = re.compile(r"[A-Za-z0-9_]{8}")
 
 
 class CheckpointWriteError(OSError):
@@ -108,15 +110,33 @@ def fault_point(phase: str, path: Path, tmp: str) -> None:
     os._exit(137)
 
 
-def temp_files(folder: str | os.PathLike) -> list[Path]:
+def temp_files(folder: str | os.PathLike,
+               targets: Mapping[str, str] | None = None) -> list[Path]:
     """Temporary files left in ``folder`` by :func:`atomic_write_bytes` calls that were killed.
 
-    Only names of the form ``.<target>.<8 random characters>.tmp`` count.
+    Without ``targets``, every name of the form ``.<target>.<8 random characters>.tmp``.
+    With ``targets`` (``{file name: the temp_suffix its writes use}``, e.g.
+    ``{"metrics.json": ".tmp", "case1.nii.gz": ".nii.gz"}``), only the temporary files of
+    those names: ``.<name>.<8 random characters><temp_suffix>``.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP_NAME.match(p.name))
+    if targets is None:
+        return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP_NAME.match(p.name))
+    suffixes = set(targets.values())
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(
+        targets.get(_temp_target(p.name, s)) == s for s in suffixes))
+
+
+def _temp_target(name: str, temp_suffix: str) -> str | None:
+    """The target of a temporary file named ``.<target>.<8 random characters><temp_suffix>``
+    (as :func:`atomic_write_bytes` names them), or None for any other name."""
+    if not (name.startswith(".") and name.endswith(temp_suffix)):
+        return None
+    core = name[1:len(name) - len(temp_suffix)]
+    target, dot, random = core[:-9], core[-9:-8], core[-8:]
+    return target if target and dot == "." and _TEMP_RANDOM.fullmatch(random) else None
 
 
 def atomic_write_bytes(path: str | os.PathLike, write, temp_suffix: str = TEMP_SUFFIX) -> Path:

@@ -18,7 +18,10 @@ The lock is released (its file removed) by :meth:`RunFolder.close`, also on erro
 The other CLIs that write into an ``--out`` (``training.predict``, ``training.evaluate``,
 ``training.routing``) call :func:`refuse_earlier_outputs` with the files they are about to
 write that already exist, before loading a model: an earlier run's outputs are replaced
-only with ``--overwrite``.
+only with ``--overwrite``. Once that check (and their data checks) have passed they call
+:func:`remove_temp_files` with the names they write: the temporary files that killed
+writes of those names left are deleted (and named in one printed line); other files,
+other names' temporary files included, are never touched.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,29 @@ def refuse_earlier_outputs(existing: Sequence[str | os.PathLike],
         "(overwrite=True in Python), or choose another --out.")
 
 
+def remove_temp_files(out: str | os.PathLike, targets: Mapping[str, str], *,
+                      log: Callable[[str], None] | None = print) -> list[Path]:
+    """Delete the temporary files that killed writes of ``targets`` left in ``out``.
+
+    ``targets``: ``{file name: temp_suffix}`` of the files this run writes
+    (:func:`training.checkpoint.temp_files`); call it once the run is accepted (after
+    :func:`refuse_earlier_outputs`), so that a refused run changes nothing. Other files,
+    the temporary files of other names included, are never touched. ``log`` receives one
+    line naming the deleted files, when there are any. Returns them.
+    """
+    removed = temp_files(out, targets)
+    for p in removed:
+        p.unlink(missing_ok=True)
+    if removed and log is not None:
+        log(_removed_note(removed))
+    return removed
+
+
+def _removed_note(removed: Sequence[Path]) -> str:
+    return (f"removed {len(removed)} temporary file(s) left by killed writes: "
+            f"{', '.join(p.name for p in removed)}")
+
+
 def _acquire(out: Path) -> tuple[str, list[str]]:
     notes: list[str] = []
     token = secrets.token_hex(8)
@@ -229,8 +255,7 @@ def open_run_folder(out: str | os.PathLike, *, resume: bool = False,
         for p in removed:
             p.unlink(missing_ok=True)
         if removed:
-            notes.append(f"removed {len(removed)} temporary file(s) left by killed writes: "
-                         f"{', '.join(p.name for p in removed)}")
+            notes.append(_removed_note(removed))
         if overwrite and existing:
             for name in existing:
                 (out / name).unlink(missing_ok=True)
