@@ -8,7 +8,9 @@ An ``--out`` that already holds any of these files (an earlier evaluation's) is 
 before the model is loaded, unless ``--overwrite``; other files there are never touched.
 Each file is written under a temporary name and renamed when complete
 (``training.checkpoint.atomic_write_text`` / ``atomic_savefig``): a kill or a full disk
-(exit 4) leaves the earlier file or the new one, never a torn one.
+(exit 4) leaves the earlier file or the new one, never a torn one; the temporary files a
+killed run left (``.metrics.json.XXXXXXXX.tmp``, …) are deleted by the next run that
+writes those names into the same ``--out``, which prints one line naming them.
 """
 
 from __future__ import annotations
@@ -102,16 +104,20 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
              overwrite: bool = False) -> EvaluationResult:
     """Segment every case of ``split`` and write the fairness report into ``out``.
 
+    Once ``out`` and the data are accepted, the temporary files that killed writes of
+    :data:`OUTPUT_FILES` left in ``out`` are deleted (one printed line names them).
+
     Raises:
         training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
             (an earlier evaluation's) and not ``overwrite``; raised before the model is
-            loaded, nothing is written.
+            loaded, nothing is written or deleted.
     """
+    from .checkpoint import TEMP_SUFFIX
     from .data import read_case
     from .engine import evaluate_cases
     from .inference import Segmenter
     from .report import plot_violin, write_metrics_json, write_per_case_csv, write_report_md
-    from .run_folder import existing_files, refuse_earlier_outputs
+    from .run_folder import existing_files, refuse_earlier_outputs, remove_temp_files
 
     out = Path(out)
     if not overwrite:
@@ -120,6 +126,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
     attribute = seg.attribute_name
     cases = checkpoint_split(seg.metadata, checkpoint, data, split, format=format, seed=seed,
                              allow_changed_data=allow_changed_data, attribute=attribute)
+    remove_temp_files(out, dict.fromkeys(OUTPUT_FILES, TEMP_SUFFIX))  # out and data accepted
     loaded = []
     for c in cases:
         image, label, meta = read_case(c, spatial_dims=seg.spatial_dims)
@@ -150,12 +157,14 @@ def write_compare(dirs: list[Path], names: list[str] | None, out: str | Path | N
                   *, overwrite: bool = False) -> str:
     """The ``--compare`` table of evaluation folders ``dirs``; with ``out``, also written
     to ``out/compare.md`` (an existing one only with ``overwrite``, checked first)."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import TEMP_SUFFIX, atomic_write_text
     from .report import compare_markdown
-    from .run_folder import existing_files, refuse_earlier_outputs
+    from .run_folder import existing_files, refuse_earlier_outputs, remove_temp_files
 
     if out is not None and not overwrite:
         refuse_earlier_outputs(existing_files(out, [COMPARE_FILE]), out)
+    if out is not None:
+        remove_temp_files(out, {COMPARE_FILE: TEMP_SUFFIX})
     table = compare_markdown(dirs, names)
     if out is not None:
         atomic_write_text(Path(out) / COMPARE_FILE, table + "\n")

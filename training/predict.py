@@ -20,7 +20,9 @@ From Python, :func:`predict` also takes several images at once, an already loade
 finished label files, lists exactly those in ``predictions.csv`` and raises
 ``training.inference.Cancelled`` with ``rows`` (those rows), ``total`` and ``out``. Each
 label file is written under a temporary name and renamed when complete, so no
-half-written output is left behind.
+half-written output is left behind; the temporary files a killed run left
+(``.predictions.csv.XXXXXXXX.tmp``, ``.<id><suffix>.XXXXXXXX<suffix>``) are deleted by the
+next run that writes those names into the same ``--out``, which prints one line naming them.
 """
 
 from __future__ import annotations
@@ -120,6 +122,18 @@ def _planned_outputs(cases, out: Path, output_format: str | None) -> list[Path]:
             *(out / f"{c.id}{_planned_suffix(c, output_format)}" for c in cases)]
 
 
+def _temp_targets(cases, output_format: str | None) -> dict[str, str]:
+    """``{file name: temporary suffix}`` of every file a run of ``cases`` writes (the label
+    files' temporary names end in their own suffix, see :func:`_write_prediction`)."""
+    from .checkpoint import TEMP_SUFFIX
+
+    targets = {PREDICTIONS_CSV: TEMP_SUFFIX}
+    for case in cases:
+        suffix = _planned_suffix(case, output_format)
+        targets[f"{case.id}{suffix}"] = suffix
+    return targets
+
+
 def existing_outputs(cases, out: str | Path, output_format: str | None = None) -> list[Path]:
     """The files a :func:`predict` run of ``cases`` into ``out`` would replace:
     ``predictions.csv`` and each case's label file, those that already exist (an earlier
@@ -206,12 +220,15 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
             algorithm and the dataset's recorded split).
         should_cancel: polled before each case and between 3D windows; True stops the run.
         overwrite: replace the files an earlier run left in ``out`` that this run writes
-            (:func:`existing_outputs`); without it such a run is refused.
+            (:func:`existing_outputs`); without it such a run is refused. Once ``out`` and
+            the cases are accepted, the temporary files that killed writes of this run's
+            file names left in ``out`` are deleted (one line naming them to ``log``, else
+            printed).
 
     Raises:
         training.run_folder.RunFolderError: ``out`` holds files this run would write
             (:func:`existing_outputs`) and not ``overwrite``; raised before the model is
-            loaded or any image decoded, nothing is written.
+            loaded or any image decoded, nothing is written or deleted.
         training.inference.Cancelled: ``should_cancel`` said so. The finished cases' label
             files stay, ``predictions.csv`` lists exactly them, the case in progress is not
             written; the exception's ``rows``, ``total`` and ``out`` say what was written.
@@ -220,7 +237,7 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
     from .data import read_image, validate_cases
     from .evaluate import checkpoint_split
     from .inference import Cancelled, Segmenter
-    from .run_folder import refuse_earlier_outputs
+    from .run_folder import refuse_earlier_outputs, remove_temp_files
 
     if (data is None) == (image is None):
         raise ValueError("give either data (a dataset) or image (one file)")
@@ -245,6 +262,7 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
     if attribute:
         for line in seg.unseen_values(c.attributes.get(attribute, "") for c in cases):
             (log or print)(line)
+    remove_temp_files(out, _temp_targets(cases, output_format), log=log or print)
     out.mkdir(parents=True, exist_ok=True)
     cancel = should_cancel or (lambda: False)
     rows: list[dict[str, str]] = []

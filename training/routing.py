@@ -33,7 +33,9 @@ for a split other than ``all`` unless ``--allow-changed-data``. An ``--out``
 that already holds ``routing.json`` or ``routing.png`` (an earlier report's) is refused
 before the model is loaded, unless ``--overwrite``; other files there are never touched.
 Both files are written under a temporary name and renamed when complete: a kill or a full
-disk (exit 4) leaves the earlier file or the new one, never a torn one.
+disk (exit 4) leaves the earlier file or the new one, never a torn one; the temporary files
+a killed run left (``.routing.json.XXXXXXXX.tmp``, …) are deleted by the next run into the
+same ``--out`` that gets past that refusal, which prints one line naming them.
 """
 
 from __future__ import annotations
@@ -222,22 +224,24 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
 
     A model without dMoE/MoE layers gets no figure; with ``overwrite`` an earlier
     ``routing.png`` in ``out`` is deleted (before the JSON is replaced), so no figure of
-    another model's routing is left beside the new ``routing.json``.
+    another model's routing is left beside the new ``routing.json``. Once ``out`` and the
+    data are accepted, the temporary files that killed writes of :data:`OUTPUT_FILES` left
+    in ``out`` are deleted (one printed line names them).
 
     Raises:
         training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
             (an earlier report's) and not ``overwrite``; raised before the model is
-            loaded, nothing is written.
+            loaded, nothing is written or deleted.
         training.data.DataError: ``data`` are not the data the checkpoint was trained on
             (its manifest hash differs) and not ``allow_changed_data``, for a ``split``
             other than ``"all"`` (``training.evaluate.checkpoint_split``); nothing is
-            written.
+            written or deleted.
     """
-    from .checkpoint import atomic_write_text
+    from .checkpoint import TEMP_SUFFIX, atomic_write_text
     from .data import read_case
     from .evaluate import checkpoint_split
     from .inference import Segmenter
-    from .run_folder import existing_files, refuse_earlier_outputs
+    from .run_folder import existing_files, refuse_earlier_outputs, remove_temp_files
 
     out = Path(out)
     if not overwrite:
@@ -247,6 +251,7 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     cases = checkpoint_split(seg.metadata, checkpoint, data, split, format=format, seed=seed,
                              allow_changed_data=allow_changed_data, require_labels=False,
                              attribute=attribute)
+    remove_temp_files(out, dict.fromkeys(OUTPUT_FILES, TEMP_SUFFIX))  # out and data accepted
     loaded = []
     for case in cases:
         image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)

@@ -121,6 +121,36 @@ def test_evaluate_replaces_an_earlier_evaluation_only_with_overwrite(trained, fu
     assert "| a" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
+def test_evaluate_removes_the_temporary_files_of_its_own_outputs_only(
+        trained, fundus, tmp_path, refused_before_loading, capsys):
+    """A killed evaluate leaves ``.metrics.json.XXXXXXXX.tmp`` in --out: a refused run
+    keeps it (a refused run changes nothing); the next run that writes deletes it and says
+    so; other files, another name's temporary file included, stay."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    stale = write_files(out, {".metrics.json.abcdef12.tmp": b'{"torn',
+                              ".violin.png.ab_3x9qz.tmp": b"\x89PNG torn"})
+    others = write_files(out, {".foo.tmp": b"not a temporary file of ours",
+                               ".notes.txt.abcdef12.tmp": b"another program's",
+                               "notes.txt": b"mine"})
+    earlier = write_files(out, {"report.md": b"earlier report\n"})
+    argv = ["--checkpoint", str(trained.best_checkpoint), "--data", str(fundus),
+            "--out", str(out)]
+    refused_before_loading(evaluate_cli.main, argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {**stale, **others, **earlier}
+    (out / "report.md").unlink()  # the earlier report moved away: a normal run
+    evaluate_cli.main(argv)
+    assert ("removed 2 temporary file(s) left by killed writes: .metrics.json.abcdef12.tmp, "
+            ".violin.png.ab_3x9qz.tmp\n") in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted([*others, *evaluate_cli.OUTPUT_FILES])
+    assert {n: (out / n).read_bytes() for n in others} == others
+    cmp = tmp_path / "cmp"  # --compare --out: compare.md's likewise
+    cmp.mkdir()
+    write_files(cmp, {".compare.md.abcdef12.tmp": b"| torn"})
+    evaluate_cli.main(["--compare", str(out), "--out", str(cmp)])
+    assert sorted(p.name for p in cmp.iterdir()) == ["compare.md"]
+
+
 @pytest.mark.parametrize("name", evaluate_cli.OUTPUT_FILES)
 def test_evaluate_cut_short_while_writing_an_output_keeps_that_earlier_file(
         trained, fundus, tmp_path, name, disk_fills, capsys):

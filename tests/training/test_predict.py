@@ -268,6 +268,31 @@ def test_an_earlier_runs_files_are_replaced_only_with_overwrite(fundus_ckpt, tmp
                                                      "predictions.csv"]
 
 
+def test_a_run_removes_the_temporary_files_of_its_own_outputs_only(fundus_ckpt, tmp_path):
+    """Temporary files a killed run left for this run's names (a label file's ends in its
+    own suffix) are kept by a refused run and deleted, named in one log line, by the next
+    run that writes; another case's and other names' stay."""
+    images = png_images(tmp_path / "in", ["a.png", "b.png"])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {".a.png.abcdef12.png": b"\x89PNG torn", ".predictions.csv.0123abcd.tmp": b"id,"}
+    others = {".c.png.abcdef12.png": b"another case's", ".a.png.abcdef12.tmp": b"not ours",
+              ".notes.txt.abcdef12.tmp": b"another program's", "notes.txt": b"mine"}
+    for name, data in {**stale, **others, "predictions.csv": b"id\n"}.items():
+        (out / name).write_bytes(data)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="from an earlier run"):
+        predict(fundus_ckpt, out, image=images)
+    assert snapshot(out) == before
+    lines = []
+    predict(fundus_ckpt, out, image=images, overwrite=True, log=lines.append)
+    assert ("removed 2 temporary file(s) left by killed writes: .a.png.abcdef12.png, "
+            ".predictions.csv.0123abcd.tmp") in lines
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*others, "a.png", "b.png", "predictions.csv"])
+    assert {n: (out / n).read_bytes() for n in others} == others
+
+
 def test_new_cases_into_a_folder_with_an_earlier_listing_are_refused(fundus_ckpt, tmp_path):
     """The earlier predictions.csv would be replaced (and stop listing a.png): refused."""
     a, c = png_images(tmp_path / "in", ["a.png", "c.png"])

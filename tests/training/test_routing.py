@@ -133,6 +133,31 @@ def test_an_earlier_report_is_replaced_only_with_overwrite(fundus, tmp_path,
     assert (out / "notes.txt").read_bytes() == b"mine"
 
 
+def test_a_run_removes_the_temporary_files_of_its_own_outputs_only(fundus, tmp_path,
+                                                                   refused_before_loading,
+                                                                   capsys):
+    """Temporary files a killed report left (``.routing.json.XXXXXXXX.tmp``): kept by a
+    refused run, deleted (and named) by the next run that writes; nothing else touched."""
+    ckpt = _checkpoint(tmp_path / "model.safetensors", "dmoe")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = write_files(out, {".routing.json.abcdef12.tmp": b'{"lay',
+                              ".routing.png.0123abcd.tmp": b"\x89PNG torn"})
+    others = write_files(out, {".notes.txt.abcdef12.tmp": b"another program's",
+                               ".routing.png.tmp": b"not a temporary file of ours",
+                               "notes.txt": b"mine"})
+    earlier = write_files(out, {"routing.json": b'{"layers": {}}'})
+    argv = ["--checkpoint", str(ckpt), "--data", str(fundus), "--split", "all",
+            "--out", str(out)]
+    refused_before_loading(routing_cli.main, argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {**stale, **others, **earlier}
+    routing_cli.main([*argv, "--overwrite"])
+    assert ("removed 2 temporary file(s) left by killed writes: .routing.json.abcdef12.tmp, "
+            ".routing.png.0123abcd.tmp\n") in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted([*others, *routing_cli.OUTPUT_FILES])
+    assert {n: (out / n).read_bytes() for n in others} == others
+
+
 @pytest.mark.parametrize("name", routing_cli.OUTPUT_FILES)
 def test_a_report_cut_short_while_writing_keeps_that_earlier_file(fundus, tmp_path, name,
                                                                   disk_fills, capsys):
