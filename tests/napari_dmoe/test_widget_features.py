@@ -141,15 +141,22 @@ def _checkpoint(path, moe: str):
     return path
 
 
-@pytest.mark.parametrize("moe", ["dmoe", "moe"])
-def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_path, moe):
-    ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
+def _fundus_viewer(make_napari_viewer, qtbot, checkpoint):
+    """A shown 1500x950 viewer with the fundus sample and the plugin's dock on
+    ``checkpoint``, model loaded: ``(viewer, widget)``."""
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
     add_layer_data(viewer, load_sample("fundus"))
-    widget = DMoEWidget(viewer, model=ckpt)
+    widget = DMoEWidget(viewer, model=checkpoint)
     viewer.window.add_dock_widget(widget, name="dMoE segmentation", area="right")
     wait_idle(qtbot, widget)
+    return viewer, widget
+
+
+@pytest.mark.parametrize("moe", ["dmoe", "moe"])
+def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_path, moe):
+    ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
+    viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
     widget.routing_check.setChecked(True)
     names = {}
     for value in ("Black", "White"):
@@ -282,12 +289,7 @@ def test_dataset_routing_without_dmoe_layers_says_what_there_is(make_napari_view
 
     data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
     ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1500, 950)
-    add_layer_data(viewer, load_sample("fundus"))
-    widget = DMoEWidget(viewer, model=ckpt)
-    viewer.window.add_dock_widget(widget, name="dMoE segmentation", area="right")
-    wait_idle(qtbot, widget)
+    viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
     out = tmp_path / "routing"
     _actions.start_dataset_routing(widget, data, out, split="all")
     wait_idle(qtbot, widget)
