@@ -209,16 +209,19 @@ def _run_job(widget: Any, function: Callable[..., Any], *args: Any,
 
 def confirm_replace(widget: Any, out: Path, existing: Sequence[Path]) -> bool:
     """Ask whether a Batch… run may replace ``existing``, an earlier run's files in ``out``
-    (No is the default)."""
+    (No is the default). The message names the first five; "Show Details…" lists all."""
     names = [p.name for p in existing]
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    answer = QMessageBox.question(
-        widget, "Replace files?",
-        f"Replace {len(names)} file(s) from an earlier run in {out}?\n\n{shown}\n\n"
-        "Other files in that folder are not touched.",
-        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-        QMessageBox.StandardButton.No)
-    return answer == QMessageBox.StandardButton.Yes
+    box = QMessageBox(QMessageBox.Icon.Question, "Replace files?",
+                      f"Replace {len(names)} file(s) from an earlier run in {out}?\n\n"
+                      f"{shown}\n\nThey cannot be recovered afterwards. Other files in "
+                      "that folder are not touched.",
+                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, widget)
+    box.setDefaultButton(QMessageBox.StandardButton.No)
+    box.setEscapeButton(QMessageBox.StandardButton.No)
+    if len(names) > 5:
+        box.setDetailedText("\n".join(names))
+    return box.exec() == QMessageBox.StandardButton.Yes
 
 
 def start_batch_folder(widget: Any, source: Path, out: Path) -> None:

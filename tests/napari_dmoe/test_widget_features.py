@@ -238,11 +238,13 @@ def test_batch_asks_before_replacing_an_earlier_runs_files(open_widget, qtbot,  
         (out / name).write_bytes(data)
     asked, answer = [], {"button": QMessageBox.StandardButton.No}
 
-    def question(parent, title, text, *args):
-        asked.append(text)
+    def ask(box):
+        no = box.button(QMessageBox.StandardButton.No)
+        assert box.defaultButton() is no and box.escapeButton() is no
+        asked.append(box.text())
         return answer["button"]
 
-    monkeypatch.setattr(QMessageBox, "question", staticmethod(question))
+    monkeypatch.setattr(QMessageBox, "exec", ask)
     _actions.start_batch_folder(widget, source, out)  # No: nothing starts, nothing changes
     assert widget.worker is None
     assert len(asked) == 1 and asked[0].startswith(
@@ -259,6 +261,25 @@ def test_batch_asks_before_replacing_an_earlier_runs_files(open_widget, qtbot,  
     assert [r["file"] for r in rows] == ["scan0.png", "scan1.png"]
     assert np.asarray(PILImage.open(out / "scan0.png")).shape == (48, 56)
     assert (out / "notes.txt").read_bytes() == b"mine"
+
+
+def test_the_replace_question_lists_every_file_under_details(qtbot, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox, QWidget
+
+    parent = QWidget()
+    qtbot.addWidget(parent)
+    existing = [tmp_path / f"case{i}.png" for i in range(7)]
+    seen = {}
+
+    def ask(box):
+        seen.update(text=box.text(), details=box.detailedText())
+        return QMessageBox.StandardButton.No
+
+    monkeypatch.setattr(QMessageBox, "exec", ask)
+    assert not _actions.confirm_replace(parent, tmp_path, existing)
+    assert "case0.png, case1.png, case2.png, case3.png, case4.png and 2 more" in seen["text"]
+    assert "cannot be recovered" in seen["text"]
+    assert seen["details"].splitlines() == [p.name for p in existing]
 
 
 def test_dataset_routing_figure_in_a_dialog(open_widget, qtbot, tmp_path):  # noqa: F811
