@@ -81,7 +81,6 @@ file holds half its bytes), ``written`` (complete temporary file, not yet rename
 FAULT_PHASES = ("torn", "written", "replaced")
 _write_steps = [0]
 TEMP_SUFFIX = ".tmp"
-_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 _TEMP_RANDOM = re.compile(r"[A-Za-z0-9_]{8}")
 
 
@@ -123,7 +122,8 @@ def temp_files(folder: str | os.PathLike,
     if not folder.is_dir():
         return []
     if targets is None:
-        return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP_NAME.match(p.name))
+        return sorted(p for p in folder.iterdir()
+                      if p.is_file() and _temp_target(p.name, TEMP_SUFFIX))
     suffixes = set(targets.values())
     return sorted(p for p in folder.iterdir() if p.is_file() and any(
         targets.get(_temp_target(p.name, s)) == s for s in suffixes))

@@ -114,24 +114,22 @@ def _planned_suffix(case, output_format: str | None) -> str:
     return OUTPUT_FORMATS[output_format] if output_format else label_suffix_for(case.image)
 
 
-def _planned_outputs(cases, out: Path, output_format: str | None) -> list[Path]:
-    """Every file a run of ``cases`` writes: ``<out>/predictions.csv``, then
-    ``<out>/<id><suffix>`` per case."""
-    out = Path(out)
-    return [out / PREDICTIONS_CSV,
-            *(out / f"{c.id}{_planned_suffix(c, output_format)}" for c in cases)]
-
-
-def _temp_targets(cases, output_format: str | None) -> dict[str, str]:
-    """``{file name: temporary suffix}`` of every file a run of ``cases`` writes (the label
-    files' temporary names end in their own suffix, see :func:`_write_prediction`)."""
+def _planned(cases, output_format: str | None) -> dict[str, str]:
+    """Every file a run of ``cases`` writes, ``predictions.csv`` first, then ``<id><suffix>``
+    per case, each with the suffix its temporary file ends in (the label files' end in their
+    own suffix, see :func:`_write_prediction`): ``{file name: temporary suffix}``."""
     from .checkpoint import TEMP_SUFFIX
 
-    targets = {PREDICTIONS_CSV: TEMP_SUFFIX}
+    planned = {PREDICTIONS_CSV: TEMP_SUFFIX}
     for case in cases:
         suffix = _planned_suffix(case, output_format)
-        targets[f"{case.id}{suffix}"] = suffix
-    return targets
+        planned[f"{case.id}{suffix}"] = suffix
+    return planned
+
+
+def _planned_outputs(cases, out: Path, output_format: str | None) -> list[Path]:
+    """The paths of :func:`_planned`'s files in ``out``."""
+    return [Path(out) / name for name in _planned(cases, output_format)]
 
 
 def existing_outputs(cases, out: str | Path, output_format: str | None = None) -> list[Path]:
@@ -262,7 +260,7 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
     if attribute:
         for line in seg.unseen_values(c.attributes.get(attribute, "") for c in cases):
             (log or print)(line)
-    remove_temp_files(out, _temp_targets(cases, output_format), log=log or print)
+    remove_temp_files(out, _planned(cases, output_format), log=log or print)
     out.mkdir(parents=True, exist_ok=True)
     cancel = should_cancel or (lambda: False)
     rows: list[dict[str, str]] = []

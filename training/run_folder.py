@@ -148,12 +148,13 @@ def refuse_earlier_outputs(existing: Sequence[str | os.PathLike],
         "(overwrite=True in Python), or choose another --out.")
 
 
-def remove_temp_files(out: str | os.PathLike, targets: Mapping[str, str], *,
+def remove_temp_files(out: str | os.PathLike, targets: Mapping[str, str] | None, *,
                       log: Callable[[str], None] | None = print) -> list[Path]:
     """Delete the temporary files that killed writes of ``targets`` left in ``out``.
 
     ``targets``: ``{file name: temp_suffix}`` of the files this run writes
-    (:func:`training.checkpoint.temp_files`); call it once the run is accepted (after
+    (:func:`training.checkpoint.temp_files`; None: every name, for a run folder that is
+    only ever written by fit); call it once the run is accepted (after
     :func:`refuse_earlier_outputs`), so that a refused run changes nothing. Other files,
     the temporary files of other names included, are never touched. ``log`` receives one
     line naming the deleted files, when there are any. Returns them.
@@ -162,13 +163,9 @@ def remove_temp_files(out: str | os.PathLike, targets: Mapping[str, str], *,
     for p in removed:
         p.unlink(missing_ok=True)
     if removed and log is not None:
-        log(_removed_note(removed))
-    return removed
-
-
-def _removed_note(removed: Sequence[Path]) -> str:
-    return (f"removed {len(removed)} temporary file(s) left by killed writes: "
+        log(f"removed {len(removed)} temporary file(s) left by killed writes: "
             f"{', '.join(p.name for p in removed)}")
+    return removed
 
 
 def _acquire(out: Path) -> tuple[str, list[str]]:
@@ -251,11 +248,7 @@ def open_run_folder(out: str | os.PathLike, *, resume: bool = False,
     token, notes = _acquire(out)
     folder = RunFolder(out, token, notes)
     try:
-        removed = temp_files(out)
-        for p in removed:
-            p.unlink(missing_ok=True)
-        if removed:
-            notes.append(_removed_note(removed))
+        remove_temp_files(out, None, log=notes.append)
         if overwrite and existing:
             for name in existing:
                 (out / name).unlink(missing_ok=True)
