@@ -62,11 +62,12 @@ def top_k_experts(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
     float32 (and float16/bfloat16, compared as float32) with ``k <= 2`` and at least
     ``ELEMENTWISE_MIN_TOKENS`` tokens: a running top-2 by elementwise max/min over the E rows
-    of exact integer keys (the float's order-preserving int32 image, times E, plus
-    ``E - 1 - e``, in int64), about 2.5x faster than ``torch.topk`` over an axis of 8 on
-    CPU. Same selection and order as ``topk`` wherever the values differ; equal values go
-    to the lower expert index. Otherwise ``torch.topk`` (one op instead of ~30: faster for
-    few tokens).
+    of exact integer keys (the float's order-preserving int32 image, shifted left by
+    ``s = bits(E - 1)`` and or-ed with ``2**s - 1 - e``, in int64), about 2.5x faster than
+    ``torch.topk`` over an axis of 8 on CPU; shifts and masks, not products and remainders
+    (3-6x faster on int64). Same selection and order as ``topk`` wherever the values
+    differ; equal values go to the lower expert index. Otherwise ``torch.topk`` (one op
+    instead of ~30: faster for few tokens).
     """
     B, E, N = logits.shape
     if (k > 2 or logits.dtype == torch.float64 or not logits.is_floating_point()
@@ -75,8 +76,10 @@ def top_k_experts(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         return values, indices
     bits = logits.float().contiguous().view(torch.int32)
     key = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)  # negative: flip magnitude
-    tie_break = torch.arange(E - 1, -1, -1, device=logits.device).view(1, E, 1)
-    key = key.to(torch.int64).mul_(E).add_(tie_break)  # unique per token: exact order
+    shift = max(1, (E - 1).bit_length())
+    low = 2**shift - 1  # the expert's bits: low - e, so the lower index wins a tie
+    tie_break = torch.arange(low, low - E, -1, device=logits.device).view(1, E, 1)
+    key = key.to(torch.int64).bitwise_left_shift_(shift).bitwise_or_(tie_break)  # unique
     first = key[:, 0]
     second = torch.full_like(first, torch.iinfo(torch.int64).min)
     for e in range(1, E):
@@ -85,7 +88,7 @@ def top_k_experts(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
             second = torch.maximum(second, torch.minimum(first, row))
         first = torch.maximum(first, row)
     best = [first, second][:k]
-    indices = torch.stack([(E - 1) - (b % E) for b in best], 1)  # (B, k, N)
+    indices = torch.stack([b.bitwise_and_(low).bitwise_xor_(low) for b in best], 1)  # (B, k, N)
     return logits.gather(1, indices), indices
 
 

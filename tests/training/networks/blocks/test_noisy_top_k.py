@@ -86,6 +86,19 @@ def test_top_k_experts_breaks_ties_by_the_lower_index():
     assert indices[0, :, 0].tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("num_experts", [2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("k", [1, 2])
+def test_top_k_experts_orders_ties_by_index_for_any_number_of_experts(num_experts, k):
+    """Keys carry the expert in their low bits (a shift and a mask, any E): the result is
+    the stable descending sort, ties to the lower index, negative values included."""
+    torch.manual_seed(num_experts)
+    logits = torch.randint(-3, 4, (2, num_experts, 3000)).float() / 2  # many exact ties
+    values, indices = top_k_experts(logits, k)
+    want_values, want_indices = torch.sort(logits, dim=1, descending=True, stable=True)
+    assert torch.equal(indices, want_indices[:, :k])
+    assert torch.equal(values, want_values[:, :k])
+
+
 def test_top_k_experts_compares_bfloat16_exactly():
     torch.manual_seed(1)
     logits = torch.randn(2, 8, 1000).bfloat16()
