@@ -305,3 +305,10 @@ def test_sort_by_expert_is_the_stable_sort(tokens):
     order, counts = expert_dispatch.sort_by_expert(indices, 8)
     assert torch.equal(order, torch.argsort(indices.reshape(-1), stable=True))
     assert torch.equal(counts, torch.bincount(indices.reshape(-1), minlength=8))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8])
+def test_token_of_is_the_floor_division(k):
+    """A shift for k a power of two, a division otherwise: both give ``assignment // k``."""
+    assignment = torch.randperm(5000, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(expert_dispatch.token_of(assignment, k), assignment // k)
