@@ -17,9 +17,9 @@ Three paths compute the same function:
 - ``"grouped"`` (CUDA tensors, when torch has ``grouped_mm``): bf16 grouped GEMMs over
   the sorted rows with plain autograd.
 - ``"padded"`` (CPU, few tokens): each expert's rows padded to one count, batched
-  products, plain autograd: a few dozen ops in all instead of a few dozen per expert,
-  which dominate below about ``experts.PADDED_MAX_UNITS`` hidden units (the coarse
-  stages of a 3D U-Net).
+  products in one autograd function (dropout as dropped positions, as the fused path):
+  ~15 ops each way in all instead of a few dozen per expert, which dominate below about
+  ``experts.PADDED_MAX_UNITS`` hidden units (the coarse stages of a 3D U-Net).
 """
 
 from __future__ import annotations
@@ -430,41 +430,106 @@ def grouped_experts(x, gates, w1, b1, w2, b2, plan, p, position, mask):
     return (y * gates[..., None]).sum(1)
 
 
+class _PaddedGrid:
+    """Where each (token, expert) assignment sits in the padded ``(E, R)`` grid of rows:
+    each expert's rows in token order, padded to ``R`` (the largest count, bucketed)."""
+
+    def __init__(self, indices: torch.Tensor, num_experts: int) -> None:
+        T, k = indices.shape
+        order, counts = sort_by_expert(indices, num_experts)
+        self.rows = _bucket(int(counts.max()))  # R
+        expert_sorted = indices.reshape(-1).index_select(0, order)
+        first_row = counts.cumsum(0) - counts  # each expert's first sorted row
+        rank = torch.arange(T * k, device=indices.device) - first_row[expert_sorted]
+        self.slot = torch.empty_like(order).index_copy_(0, order, expert_sorted * self.rows + rank)
+        token = token_of(torch.arange(T * k, device=indices.device), k)
+        # (E * R,) token of each grid row; padding rows read token 0 and are never read back
+        self.token = torch.zeros(num_experts * self.rows, dtype=torch.long,
+                                 device=indices.device).index_copy_(0, self.slot, token)
+
+    def dropped(self, mask: torch.Tensor) -> torch.Tensor:
+        """A token-order keep mask ``(T, k, W)`` → the grid's dropped units as flat positions
+        into ``(E * R, W)`` (padding rows kept)."""
+        T, k, W = mask.shape
+        keep = torch.ones(self.token.numel(), W, dtype=torch.bool, device=mask.device)
+        keep.index_copy_(0, self.slot, mask.reshape(T * k, W).bool())
+        return (~keep).view(-1).nonzero().view(-1)
+
+
+class _PaddedExperts(torch.autograd.Function):
+    """The function of :class:`_SparseExperts` as batched products over the padded grid of
+    :class:`_PaddedGrid`, with a hand-written backward: ~15 ops each way, where plain
+    autograd ran ~40 forward plus a node per op (for few tokens, per-op cost is the time)."""
+
+    @staticmethod
+    def forward(ctx, x, gates, w1, b1, w2, b2, grid, p, position, dropped):
+        T, C = x.shape
+        E = w1.shape[0]
+        scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+        xs = _rows(x, grid.token).view(E, grid.rows, C)
+        h = torch.baddbmm(b1[:, None], xs, w1).relu_()  # (E, R, H)
+        if p > 0 and position == "hidden":
+            y = torch.baddbmm(b2[:, None], _zero_at(h, dropped), w2, alpha=scale)
+        else:
+            y = torch.baddbmm(b2[:, None], h, w2)  # (E, R, C)
+            if p > 0:
+                _zero_at(y, dropped).mul_(scale)
+        rows = _rows(y.view(-1, C), grid.slot).view(T, -1, C)  # (T, k, C)
+        ctx.save_for_backward(gates, w1, w2, xs, h, rows)
+        ctx.config = (grid, p, scale, position, dropped)
+        return torch.bmm(gates.unsqueeze(1), rows).view(T, C)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        gates, w1, w2, xs, h, rows = ctx.saved_tensors
+        grid, p, scale, position, dropped = ctx.config
+        T, k, C = rows.shape
+        E, R, _ = xs.shape
+        grad_out = grad_out.contiguous()
+        dgates = torch.bmm(rows, grad_out.unsqueeze(2)).view(T, k)
+        # d (E, R, C) grid outputs: each assignment's gate times grad_out, padding rows zero
+        dy = grad_out.new_zeros(E * R, C).index_copy_(
+            0, grid.slot, (gates.unsqueeze(2) * grad_out.unsqueeze(1)).view(T * k, C))
+        dy = dy.view(E, R, C)
+        if p > 0 and position == "output":
+            _zero_at(dy, dropped).mul_(scale)
+        db2 = dy.sum(1)
+        if p > 0 and position == "hidden":
+            dy_h = dy * scale  # y = s * (h W2) + b2
+        else:
+            dy_h = dy
+        dw2 = torch.bmm(h.transpose(1, 2), dy_h)
+        dh = torch.bmm(dy_h, w2.transpose(1, 2))
+        # ReLU (and hidden dropout) backward: h is non-zero exactly where it flows
+        torch.ops.aten.threshold_backward.grad_input(dh, h, 0, grad_input=dh)
+        db1 = dh.sum(1)
+        dw1 = torch.bmm(xs.transpose(1, 2), dh)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx_rows = _rows(torch.bmm(dh, w1.transpose(1, 2)).view(E * R, C), grid.slot)
+            dx = dx_rows.view(T, k, C).sum(1)
+        return dx, dgates, dw1, db1, dw2, db2, None, None, None, None
+
+
 def padded_experts(x, indices, gates, w1, b1, w2, b2, p, position, mask):
-    """The same function as batched products over a padded ``(E, R, ·)`` grid of rows (each
-    expert's rows, padded to the largest count ``R``), with plain autograd: about 40 ops
-    whatever the number of experts, where the fused path runs ~30 per expert (for few
-    tokens, per-op overhead is the cost). ``mask``: bool keep mask ``(T, k, W)`` in token
+    """The same function as :func:`fused_experts` over a padded ``(E, R, ·)`` grid of rows
+    (each expert's rows, padded to the largest count ``R``): batched products, about 15 ops
+    each way whatever the number of experts, where the fused path runs ~30 per expert (for
+    few tokens, per-op overhead is the cost). ``mask``: bool keep mask ``(T, k, W)`` in token
     order, or None for a fresh draw while ``p > 0``. Padding rows read token 0, are never
     gathered back, and so get zero gradient."""
     T, C = x.shape
-    E, _, H = w1.shape
-    k = indices.shape[1]
     if T == 0:
         return x.new_zeros(0, C)
-    order, counts = sort_by_expert(indices, E)
-    R = _bucket(int(counts.max()))
-    expert_sorted = indices.reshape(-1).index_select(0, order)
-    rank = torch.arange(T * k, device=x.device) - (counts.cumsum(0) - counts)[expert_sorted]
-    slot = torch.empty_like(order).index_copy_(0, order, expert_sorted * R + rank)  # (T*k,)
-    token = token_of(torch.arange(T * k, device=x.device), k)
-    grid_token = torch.zeros(E * R, dtype=torch.long, device=x.device).index_copy_(0, slot, token)
-    h = torch.baddbmm(b1[:, None], x.index_select(0, grid_token).view(E, R, C), w1).relu()
+    grid = _PaddedGrid(indices, w1.shape[0])
+    dropped = None
     if p > 0:
-        width = H if position == "hidden" else C
-        if mask is None:
-            keep = draw_keep(torch.empty(E * R, width, dtype=torch.bool, device=x.device), p)
-        else:
-            keep = torch.zeros(E * R, width, dtype=torch.bool, device=x.device)
-            keep.index_copy_(0, slot, mask.reshape(T * k, width))
-        keep = keep.view(E, R, width).to(x.dtype).mul_(1.0 / (1.0 - p))
-        if position == "hidden":
-            h = h * keep
-    y = torch.baddbmm(b2[:, None], h, w2)  # (E, R, C)
-    if p > 0 and position == "output":
-        y = y * keep
-    rows = y.view(E * R, C).index_select(0, slot).view(T, k, C)
-    return torch.bmm(gates.view(T, 1, k), rows).view(T, C)
+        width = w1.shape[2] if position == "hidden" else C
+        dropped = (grid.dropped(mask) if mask is not None
+                   else draw_dropped(grid.token.numel() * width, p, x.device))
+    return _PaddedExperts.apply(x.contiguous(), gates, w1, b1, w2, b2, grid, p, position,
+                                dropped)
 
 
 def fused_experts(x, gates, w1, b1, w2, b2, plan: Plan, p: float, position: str,

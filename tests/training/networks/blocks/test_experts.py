@@ -107,19 +107,20 @@ def draw_mode(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("path", ["fused", "padded"])
 @pytest.mark.parametrize("position", ["hidden", "output"])
-def test_drawn_mask_drops_p_and_scales_the_rest(position, draw_mode):
+def test_drawn_mask_drops_p_and_scales_the_rest(position, draw_mode, path):
     torch.manual_seed(0)
     p, T, C = 0.1, 4000, 64
     bank = _identity_bank(C, p, position)
     x = torch.rand(T, C) + 0.5
     indices = torch.randint(0, 2, (T, 1))
-    y = bank(x, indices, torch.ones(T, 1))
+    y = bank(x, indices, torch.ones(T, 1), path=path)
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - p) < 0.005  # 256,000 units: the standard error is 0.0006
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] / (1 - p))
-    y2 = bank(x, indices, torch.ones(T, 1))
+    y2 = bank(x, indices, torch.ones(T, 1), path=path)
     assert not torch.equal(y == 0, y2 == 0)  # a fresh mask every call
 
 
