@@ -140,3 +140,21 @@ def test_router_rejects_noise_of_the_wrong_shape():
     layer = DMoE(8, num_attributes=2).train()
     with pytest.raises(ValueError, match="noise must have shape"):
         layer.router(torch.randn(2, 5, 8), torch.tensor([0, 1]), noise=torch.randn(2, 5, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_equals_torch_softplus_over_the_whole_range(dtype):
+    """The noise scale: within a few rounding units of ``log(1 + exp(x))`` (absolute, as
+    ``1 + tiny`` rounds to 1), also at the extremes and at infinity; gradient ``sigmoid``.
+    (``F.softplus`` itself returns ``x`` above 20, so the reference is exact arithmetic.)"""
+    x = torch.cat([torch.linspace(-120, 120, 20001, dtype=dtype),
+                   torch.tensor([float("-inf"), float("inf"), 0.0], dtype=dtype)])
+    x.requires_grad_()
+    y = noisy_top_k_module.softplus(x)
+    exact = x.detach().double()
+    want = (exact.clamp_min(0) + torch.log1p(torch.exp(-exact.abs()))).to(dtype)
+    torch.testing.assert_close(y.detach(), want, rtol=4 * torch.finfo(dtype).eps,
+                               atol=4 * torch.finfo(dtype).eps)
+    assert y[-3].item() == 0.0 and y[-2].item() == float("inf")
+    (grad,) = torch.autograd.grad(y[:-3].sum(), x)
+    torch.testing.assert_close(grad[:-3], torch.sigmoid(x.detach()[:-3]))
