@@ -218,6 +218,8 @@ def write_rtstruct(mask: Any, source: DicomVolume | str | Path, class_names: Seq
             setattr(ds, key, "")
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), 9002
     ds.SeriesDescription = f"RTSTRUCT {text}"[:64]
+    ds.FrameOfReferenceUID = source.frame_of_reference_uid  # Frame of Reference module
+    ds.PositionReferenceIndicator = source.position_reference_indicator
     ds.Manufacturer, ds.ManufacturerModelName = "napari-dmoe", algorithm_name[:64]
     ds.SoftwareVersions = algorithm_version[:64]
     ds.InstanceNumber, ds.OperatorsName = 1, ""

@@ -61,6 +61,8 @@ class DicomVolume:
     i, j, k (``PixelSpacing[1]``, ``PixelSpacing[0]``, slice spacing). ``files``,
     ``sop_instance_uids`` and ``positions`` (LPS ``ImagePositionPatient``, ``(Z, 3)``)
     follow slice order k. ``identity``: patient/study attributes (``IDENTITY_KEYWORDS``).
+    ``position_reference_indicator``: the frame of reference's anatomical reference (may
+    be empty), which an RTSTRUCT repeats with ``frame_of_reference_uid``.
     """
 
     array: np.ndarray | None
@@ -80,6 +82,7 @@ class DicomVolume:
     rows: int
     columns: int
     identity: dict[str, Any] = field(default_factory=dict)
+    position_reference_indicator: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -282,7 +285,8 @@ def _volume(info: SeriesInfo, datasets: list[Any], pixels: bool) -> DicomVolume:
         modality=str(head.get("Modality", "")),
         orientation=tuple(float(v) for v in head.ImageOrientationPatient),
         positions=positions, rows=int(head.Rows), columns=int(head.Columns),
-        identity={k: head.get(k) for k in IDENTITY_KEYWORDS if k in head})
+        identity={k: head.get(k) for k in IDENTITY_KEYWORDS if k in head},
+        position_reference_indicator=str(head.get("PositionReferenceIndicator", "") or ""))
 
 
 def _check_series(info: SeriesInfo, files: list[Path], datasets: list[Any]) -> None:

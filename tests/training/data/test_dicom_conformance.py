@@ -1,0 +1,67 @@
+"""DICOM-SEG / RTSTRUCT over a real CT series, checked against the standard.
+
+The source is pydicom's ``dicomdirtests/98892001/CT5N`` (5 axial 16×16 slices of a real,
+de-identified CT). The mask has a structure inside the volume with a hole, one touching
+the border, one touching the border on every slice and one that is empty. dicom3tools'
+``dciodvfy`` (IOD conformance) and ``dcentvfy`` (patient/study/series/frame of reference
+consistency across files) run when installed (``.ci/run`` installs them).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+hd = pytest.importorskip("highdicom")
+
+from training.data.dicom import read_series, write_dicom_seg, write_rtstruct  # noqa: E402
+
+CLASSES = ["background", "tumour", "bladder", "liver", "body"]
+EMPTY = 3  # "liver": no voxel
+ALGORITHM = dict(algorithm_name="ct_tstage_dmoe", algorithm_version="napari-dmoe 0.1.0",
+                 attribute="t_stage", attribute_value="T2")
+
+
+def validator_mask(shape: tuple[int, int, int]) -> np.ndarray:
+    """``(X, Y, Z)`` classes: 1 a box with a one-voxel hole, 2 at the corner (i, j) = 0 on
+    the first and last slice, 3 empty, 4 the last two columns of every slice."""
+    x, y, z = shape
+    mask = np.zeros(shape, np.uint8)
+    mask[x // 3: x // 3 + max(2, x // 3), y // 3: y // 3 + max(2, y // 3), :] = 1
+    mask[x // 2, y // 2, z // 2] = 0
+    mask[0:3, 0:4, 0] = 2
+    mask[0:2, 0:2, z - 1] = 2
+    mask[x - 2:, :, :] = 4
+    return mask
+
+
+@pytest.fixture
+def real_ct(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    source = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests/98892001/CT5N"
+    folder = tmp_path / "CT5N"
+    shutil.copytree(source, folder)
+    return read_series(folder, pixels=False)
+
+
+@pytest.fixture
+def real_exports(real_ct, tmp_path):
+    """(source volume, mask, SEG path, RTSTRUCT path) over the real CT series."""
+    mask = validator_mask(real_ct.shape)
+    seg = write_dicom_seg(mask, real_ct, CLASSES, tmp_path / "out.seg.dcm", **ALGORITHM)
+    rt = write_rtstruct(mask, real_ct, CLASSES, tmp_path / "out.rtstruct.dcm", **ALGORITHM)
+    return real_ct, mask, seg, rt
+
+
+def test_rtstruct_carries_the_source_frame_of_reference_module(real_exports):
+    """The RT Structure Set IOD includes the Frame of Reference module (UID, indicator)."""
+    volume, _, _, rt = real_exports
+    ds = pydicom.dcmread(rt)
+    source = pydicom.dcmread(volume.files[0], stop_before_pixels=True)
+    assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert ds.PositionReferenceIndicator == source.PositionReferenceIndicator == "SN"
