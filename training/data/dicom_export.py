@@ -265,7 +265,8 @@ def write_rtstruct(mask: Any, source: DicomVolume | str | Path, class_names: Seq
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = number
         roi_contour.ROIDisplayColor = list(_COLOURS[(number - 1) % len(_COLOURS)])
-        roi_contour.ContourSequence = Seq(items)
+        if items:  # a ContourSequence, when present, needs at least one item
+            roi_contour.ContourSequence = Seq(items)
         contours.append(roi_contour)
         obs = Dataset()
         obs.ObservationNumber, obs.ReferencedROINumber = number, number

@@ -65,3 +65,14 @@ def test_rtstruct_carries_the_source_frame_of_reference_module(real_exports):
     source = pydicom.dcmread(volume.files[0], stop_before_pixels=True)
     assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
     assert ds.PositionReferenceIndicator == source.PositionReferenceIndicator == "SN"
+
+
+def test_empty_structure_is_an_roi_without_contour_sequence(real_exports):
+    """A present ContourSequence needs 1-n items: an empty ROI leaves it out."""
+    _, _, _, rt = real_exports
+    ds = pydicom.dcmread(rt)
+    assert [r.ROINumber for r in ds.StructureSetROISequence] == [1, 2, 3, 4]
+    contours = {int(c.ReferencedROINumber): c for c in ds.ROIContourSequence}
+    assert "ContourSequence" not in contours[EMPTY]
+    assert all(len(contours[n].ContourSequence) > 0 for n in (1, 2, 4))
+    assert EMPTY in {int(o.ReferencedROINumber) for o in ds.RTROIObservationsSequence}
