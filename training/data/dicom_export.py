@@ -3,9 +3,10 @@
 The mask is an integer ``(X, Y, Z)`` array of class indices in the order of
 ``DicomVolume.array`` (columns, rows, slices; ``training.data.dicom_series``). Both
 writers reference the source series (study, series, frame of reference, one SOP instance
-per slice), copy patient/study identity from it and nothing else, identify the algorithm
-(model name, version, attribute value used), refuse a non-DICOM source, and never
-overwrite a file. ``write_ct_series`` writes a plain CT series (tests, demos, benchmarks).
+per slice), copy its patient and study attributes (``IDENTITY_KEYWORDS``: identity,
+de-identification, clinical trial) and nothing else, identify the algorithm (model name,
+version, attribute value used), refuse a non-DICOM source, and never overwrite a file.
+``write_ct_series`` writes a plain CT series (tests, demos, benchmarks).
 """
 
 from __future__ import annotations

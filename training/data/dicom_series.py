@@ -32,13 +32,26 @@ PERPENDICULAR_TOL = 1e-3
 """|cos(angle) - 1| between slice offsets and the normal (about 2.6°), as highdicom."""
 ORIENTATION_TOL = 1e-4
 IDENTITY_KEYWORDS = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
-    "PatientBirthDate", "PatientSex",
+    "SpecificCharacterSet",
+    # Patient module: who, and whether and how the identity was removed
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence",
+    "OtherPatientNames", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject / Study modules
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+    # General Study and Patient Study modules
     "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
-    "ReferringPhysicianName", "StudyDescription",
+    "IssuerOfAccessionNumberSequence", "ReferringPhysicianName", "StudyDescription",
+    "PatientAge", "PatientSize", "PatientWeight", "AdditionalPatientHistory",
 )
-"""Patient and study identity copied from the source into DICOM-SEG / RTSTRUCT (with the
-character set its names are encoded in)."""
+"""Patient and study attributes an RTSTRUCT copies from the source (with the character set
+its names are encoded in). A DICOM-SEG gets these too: highdicom copies the source's whole
+Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+modules; keeping both outputs alike keeps a PACS's patient and study records consistent."""
 
 
 @dataclass(frozen=True)

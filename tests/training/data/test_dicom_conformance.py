@@ -10,6 +10,7 @@ consistency across files) run when installed (``.ci/run`` installs them).
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,31 @@ def test_empty_structure_is_an_roi_without_contour_sequence(real_exports):
     assert "ContourSequence" not in contours[EMPTY]
     assert all(len(contours[n].ContourSequence) > 0 for n in (1, 2, 4))
     assert EMPTY in {int(o.ReferencedROINumber) for o in ds.RTROIObservationsSequence}
+
+
+def test_rtstruct_copies_patient_and_study_attributes_like_the_seg(real_exports):
+    """De-identification flags and patient-study attributes of the source, as the SEG."""
+    volume, _, seg_path, rt = real_exports
+    source = pydicom.dcmread(volume.files[0], stop_before_pixels=True)
+    seg, ds = pydicom.dcmread(seg_path), pydicom.dcmread(rt)
+    for key in ("PatientIdentityRemoved", "DeidentificationMethod", "PatientAge",
+                "AdditionalPatientHistory", "PatientID", "StudyInstanceUID"):
+        assert ds[key].value == seg[key].value == source[key].value, key
+    assert ds.PatientIdentityRemoved == "YES"
+
+
+# -- external validators (dicom3tools) ------------------------------------------------------
+def run_tool(tool: str, *paths: Path) -> list[str]:
+    """The Error and Warning lines a dicom3tools checker prints for ``paths``."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed (apt-get install dicom3tools)")
+    result = subprocess.run([tool, *map(str, paths)], capture_output=True, text=True,
+                            timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if line.startswith(("Error", "Warning"))]
+
+
+def test_dcentvfy_source_and_exports_describe_one_patient_study_and_frame(real_exports):
+    volume, _, seg, rt = real_exports
+    assert run_tool("dcentvfy", *volume.files, seg, rt) == []
+
