@@ -19,6 +19,12 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
 
+from tests.training.data.test_dicom import (  # noqa: E402
+    hu_volume,
+    oblique_affine,
+    rasterise_rtstruct,
+    shuffled_series,
+)
 from training.data.dicom import read_series, write_dicom_seg, write_rtstruct  # noqa: E402
 
 CLASSES = ["background", "tumour", "bladder", "liver", "body"]
@@ -90,6 +96,16 @@ def test_rtstruct_copies_patient_and_study_attributes_like_the_seg(real_exports)
     assert ds.PatientIdentityRemoved == "YES"
 
 
+def test_real_series_round_trips_voxel_for_voxel(real_exports):
+    volume, mask, seg_path, rt = real_exports
+    seg = hd.seg.segread(seg_path)
+    labels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(volume.sop_instance_uids), combine_segments=True)
+    np.testing.assert_array_equal(labels.transpose(2, 1, 0), mask)
+    for number in range(1, len(CLASSES)):
+        np.testing.assert_array_equal(rasterise_rtstruct(rt, volume, number), mask == number)
+
+
 # -- external validators (dicom3tools) ------------------------------------------------------
 def run_tool(tool: str, *paths: Path) -> list[str]:
     """The Error and Warning lines a dicom3tools checker prints for ``paths``."""
@@ -101,7 +117,24 @@ def run_tool(tool: str, *paths: Path) -> list[str]:
     return [line for line in lines if line.startswith(("Error", "Warning"))]
 
 
+def test_dciodvfy_finds_no_error_in_real_series_exports(real_exports):
+    _, _, seg, rt = real_exports
+    for path in (seg, rt):
+        errors = [line for line in run_tool("dciodvfy", path) if line.startswith("Error")]
+        assert errors == [], (path.name, errors)
+
+
+def test_dciodvfy_finds_no_error_in_oblique_series_exports(tmp_path):
+    hu = hu_volume()
+    shuffled_series(tmp_path / "ct", hu, oblique_affine())
+    volume = read_series(tmp_path / "ct", pixels=False)
+    mask = validator_mask(volume.shape)
+    for writer, name in ((write_dicom_seg, "out.seg.dcm"), (write_rtstruct, "out.rt.dcm")):
+        path = writer(mask, volume, CLASSES, tmp_path / name, **ALGORITHM)
+        errors = [line for line in run_tool("dciodvfy", path) if line.startswith("Error")]
+        assert errors == [], (name, errors)
+
+
 def test_dcentvfy_source_and_exports_describe_one_patient_study_and_frame(real_exports):
     volume, _, seg, rt = real_exports
     assert run_tool("dcentvfy", *volume.files, seg, rt) == []
-
