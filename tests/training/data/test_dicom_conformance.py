@@ -138,3 +138,32 @@ def test_dciodvfy_finds_no_error_in_oblique_series_exports(tmp_path):
 def test_dcentvfy_source_and_exports_describe_one_patient_study_and_frame(real_exports):
     volume, _, seg, rt = real_exports
     assert run_tool("dcentvfy", *volume.files, seg, rt) == []
+
+
+@pytest.mark.parametrize("source_kind", ["real (ISO_IR 100)", "synthetic (no charset)"])
+def test_non_ascii_names_are_declared_in_the_character_set(source_kind, real_ct, tmp_path):
+    """Accented class and model names: the source's charset when it holds them, else UTF-8;
+    never undeclared non-ASCII bytes (dciodvfy: 'Character invalid for character
+    repertoire'). Names that no single source charset holds also go to UTF-8."""
+    if source_kind.startswith("real"):
+        volume, kept = real_ct, "ISO_IR 100"
+    else:
+        shuffled_series(tmp_path / "ct", hu_volume(), oblique_affine())
+        volume, kept = read_series(tmp_path / "ct", pixels=False), "ISO_IR 192"
+    mask = validator_mask(volume.shape)
+    for names, expected in ((["fond", "tumeur primaire", "vessie", "foie", "paroi é"], kept),
+                            (["bg", "腫瘍", "膀胱", "肝臓", "体"], "ISO_IR 192")):
+        stem = tmp_path / f"{expected.replace(' ', '_')}_{len(names[1])}"
+        kw = dict(ALGORITHM, algorithm_name="modèle_ct")
+        seg = pydicom.dcmread(write_dicom_seg(mask, volume, names, f"{stem}.seg.dcm", **kw))
+        rt = pydicom.dcmread(write_rtstruct(mask, volume, names, f"{stem}.rt.dcm", **kw))
+        assert seg.SpecificCharacterSet == rt.SpecificCharacterSet == expected
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == names[1:]
+        assert [r.ROIName for r in rt.StructureSetROISequence] == names[1:]
+        assert rt.ManufacturerModelName == seg.ManufacturerModelName == "modèle_ct"
+        source = pydicom.dcmread(volume.files[0], stop_before_pixels=True)
+        assert rt.PatientName == seg.PatientName == source.PatientName
+        for path in (Path(f"{stem}.seg.dcm"), Path(f"{stem}.rt.dcm")):
+            if shutil.which("dciodvfy"):  # the attribute checks above run without it
+                errors = [ln for ln in run_tool("dciodvfy", path) if ln.startswith("Error")]
+                assert errors == [], (path.name, errors)
