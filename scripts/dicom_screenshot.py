@@ -48,7 +48,7 @@ def _rtstruct_paths(path: str, folder: Path) -> list[np.ndarray]:
     volume = read_series(folder, pixels=False)
     inverse = np.linalg.inv(volume.affine_lps)
     out = []
-    for contour in pydicom.dcmread(path).ROIContourSequence[0].ContourSequence:
+    for contour in pydicom.dcmread(path).ROIContourSequence[0].get("ContourSequence", []):
         points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
         ijk = (inverse @ np.c_[points, np.ones(len(points))].T).T[:, :3]
         out.append(np.r_[ijk, ijk[:1]][:, ::-1])  # closed, (k, j, i) = layer (z, y, x)

@@ -3,9 +3,10 @@
 The mask is an integer ``(X, Y, Z)`` array of class indices in the order of
 ``DicomVolume.array`` (columns, rows, slices; ``training.data.dicom_series``). Both
 writers reference the source series (study, series, frame of reference, one SOP instance
-per slice), copy patient/study identity from it and nothing else, identify the algorithm
-(model name, version, attribute value used), refuse a non-DICOM source, and never
-overwrite a file. ``write_ct_series`` writes a plain CT series (tests, demos, benchmarks).
+per slice), copy its patient and study attributes (``IDENTITY_KEYWORDS``: identity,
+de-identification, clinical trial) and nothing else, identify the algorithm (model name,
+version, attribute value used), refuse a non-DICOM source, and never overwrite a file.
+``write_ct_series`` writes a plain CT series (tests, demos, benchmarks).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from training.data.errors import DicomError
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 CT_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+UTF8_CHARACTER_SET = "ISO_IR 192"
 _TUMOUR = re.compile(r"tumou?r|lesion|neoplasm|cancer|mass|gtv|metasta", re.IGNORECASE)
 _ORGANS = ("bladder", "rectum", "prostate", "liver", "kidney", "spleen", "pancreas", "lung",
            "heart", "brain", "stomach", "colon", "uterus", "bone", "aorta")
@@ -103,6 +105,31 @@ def _property_codes(name: str) -> tuple[Any, Any]:
     return codes.SCT.Tissue, codes.SCT.Tissue
 
 
+def _output_character_set(source_character_set: Any, texts: Sequence[str]) -> Any:
+    """The SpecificCharacterSet of an output that holds ``texts`` (class names, model name,
+    attribute value) beside the patient and study text copied from the source.
+
+    The source's own (``None`` when it has none: the default repertoire, ASCII) when it can
+    encode every text, else ``"ISO_IR 192"`` (UTF-8, which encodes any; pydicom re-encodes
+    the copied names). Non-ASCII bytes under the default repertoire are invalid DICOM.
+    """
+    from pydicom.charset import convert_encodings
+
+    if all(text.isascii() for text in texts):
+        return source_character_set
+    terms = ([source_character_set] if isinstance(source_character_set, str)
+             else list(source_character_set or []))
+    if len(terms) == 1 and terms[0]:  # one charset, no ISO 2022 code extensions
+        try:
+            codec = convert_encodings(terms)[0]
+            for text in texts:
+                text.encode(codec)
+            return source_character_set
+        except (UnicodeEncodeError, LookupError):
+            pass
+    return UTF8_CHARACTER_SET
+
+
 def _algorithm_text(algorithm_name: str, algorithm_version: str, attribute: str | None,
                     attribute_value: str | None) -> str:
     text = f"{algorithm_name} {algorithm_version}".strip()
@@ -131,6 +158,8 @@ def write_dicom_seg(mask: Any, source: DicomVolume | str | Path, class_names: Se
     datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in source.files]
     _check_unchanged(source, datasets)
     text = _algorithm_text(algorithm_name, algorithm_version, attribute, attribute_value)
+    character_set = _output_character_set(datasets[0].get("SpecificCharacterSet"),
+                                         [*map(str, class_names), text])
     parameters = {attribute: attribute_value or "unknown"} if attribute else None
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name[:64], version=algorithm_version[:64],
@@ -153,7 +182,7 @@ def write_dicom_seg(mask: Any, source: DicomVolume | str | Path, class_names: Se
         manufacturer_model_name=algorithm_name[:64], software_versions=algorithm_version[:64],
         device_serial_number="none", content_description=text[:64],
         content_label="SEGMENTATION", series_description=f"SEG {text}"[:64],
-        omit_empty_frames=False)
+        omit_empty_frames=False, specific_character_set=character_set)
     out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(out)
     return out
@@ -211,6 +240,10 @@ def write_rtstruct(mask: Any, source: DicomVolume | str | Path, class_names: Seq
     ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_SOP_CLASS, ds.file_meta.MediaStorageSOPInstanceUID
     for key, value in source.identity.items():
         setattr(ds, key, value)
+    character_set = _output_character_set(source.identity.get("SpecificCharacterSet"),
+                                         [*map(str, class_names), text])
+    if character_set:
+        ds.SpecificCharacterSet = character_set
     ds.StudyInstanceUID = source.study_instance_uid
     for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                 "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
@@ -218,6 +251,8 @@ def write_rtstruct(mask: Any, source: DicomVolume | str | Path, class_names: Seq
             setattr(ds, key, "")
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), 9002
     ds.SeriesDescription = f"RTSTRUCT {text}"[:64]
+    ds.FrameOfReferenceUID = source.frame_of_reference_uid  # Frame of Reference module
+    ds.PositionReferenceIndicator = source.position_reference_indicator
     ds.Manufacturer, ds.ManufacturerModelName = "napari-dmoe", algorithm_name[:64]
     ds.SoftwareVersions = algorithm_version[:64]
     ds.InstanceNumber, ds.OperatorsName = 1, ""
@@ -263,7 +298,8 @@ def write_rtstruct(mask: Any, source: DicomVolume | str | Path, class_names: Seq
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = number
         roi_contour.ROIDisplayColor = list(_COLOURS[(number - 1) % len(_COLOURS)])
-        roi_contour.ContourSequence = Seq(items)
+        if items:  # a ContourSequence, when present, needs at least one item
+            roi_contour.ContourSequence = Seq(items)
         contours.append(roi_contour)
         obs = Dataset()
         obs.ObservationNumber, obs.ReferencedROINumber = number, number

@@ -32,13 +32,26 @@ PERPENDICULAR_TOL = 1e-3
 """|cos(angle) - 1| between slice offsets and the normal (about 2.6°), as highdicom."""
 ORIENTATION_TOL = 1e-4
 IDENTITY_KEYWORDS = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
-    "PatientBirthDate", "PatientSex",
+    "SpecificCharacterSet",
+    # Patient module: who, and whether and how the identity was removed
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence",
+    "OtherPatientNames", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject / Study modules
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+    # General Study and Patient Study modules
     "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "AccessionNumber",
-    "ReferringPhysicianName", "StudyDescription",
+    "IssuerOfAccessionNumberSequence", "ReferringPhysicianName", "StudyDescription",
+    "PatientAge", "PatientSize", "PatientWeight", "AdditionalPatientHistory",
 )
-"""Patient and study identity copied from the source into DICOM-SEG / RTSTRUCT (with the
-character set its names are encoded in)."""
+"""Patient and study attributes an RTSTRUCT copies from the source (with the character set
+its names are encoded in). A DICOM-SEG gets these too: highdicom copies the source's whole
+Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+modules; keeping both outputs alike keeps a PACS's patient and study records consistent."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class DicomVolume:
     i, j, k (``PixelSpacing[1]``, ``PixelSpacing[0]``, slice spacing). ``files``,
     ``sop_instance_uids`` and ``positions`` (LPS ``ImagePositionPatient``, ``(Z, 3)``)
     follow slice order k. ``identity``: patient/study attributes (``IDENTITY_KEYWORDS``).
+    ``position_reference_indicator``: the frame of reference's anatomical reference (may
+    be empty), which an RTSTRUCT repeats with ``frame_of_reference_uid``.
     """
 
     array: np.ndarray | None
@@ -80,6 +95,7 @@ class DicomVolume:
     rows: int
     columns: int
     identity: dict[str, Any] = field(default_factory=dict)
+    position_reference_indicator: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -282,7 +298,8 @@ def _volume(info: SeriesInfo, datasets: list[Any], pixels: bool) -> DicomVolume:
         modality=str(head.get("Modality", "")),
         orientation=tuple(float(v) for v in head.ImageOrientationPatient),
         positions=positions, rows=int(head.Rows), columns=int(head.Columns),
-        identity={k: head.get(k) for k in IDENTITY_KEYWORDS if k in head})
+        identity={k: head.get(k) for k in IDENTITY_KEYWORDS if k in head},
+        position_reference_indicator=str(head.get("PositionReferenceIndicator", "") or ""))
 
 
 def _check_series(info: SeriesInfo, files: list[Path], datasets: list[Any]) -> None:

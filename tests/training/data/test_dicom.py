@@ -162,7 +162,7 @@ def rasterise_rtstruct(path: Path, volume, roi_number: int) -> np.ndarray:
     inverse = np.linalg.inv(volume.affine_lps)
     slices = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
     out = np.zeros(volume.shape, dtype=bool)
-    for contour in item.ContourSequence:
+    for contour in item.get("ContourSequence", []):  # absent for an empty ROI
         assert contour.ContourGeometricType == "CLOSED_PLANAR"
         points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
         ijk = (inverse @ np.c_[points, np.ones(len(points))].T).T[:, :3]
