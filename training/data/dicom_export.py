@@ -43,9 +43,10 @@ def software_version() -> str:
 
 
 def resolve_source(source: DicomVolume | str | Path, what: str) -> DicomVolume:
-    """The DICOM series a mask refers to; refuse anything that is not one."""
+    """The DICOM series a mask refers to; refuse anything that is not one, or a series
+    without a frame of reference (the contours' coordinates would be tied to nothing)."""
     if isinstance(source, DicomVolume):
-        return source
+        return require_frame_of_reference(source, what)
     if source is None:
         raise DicomError(f"{what} needs the DICOM series the image came from (its study, "
                          "series and slice UIDs), but the image has none; open the DICOM "
@@ -57,7 +58,20 @@ def resolve_source(source: DicomVolume | str | Path, what: str) -> DicomVolume:
         raise DicomError(f"{path}: not a DICOM series, so a {what} cannot reference it (it "
                          "must point at the source slices' UIDs); save as NIfTI/TIFF, or "
                          "segment the original DICOM series.")
-    return read_series(path, pixels=False)
+    return require_frame_of_reference(read_series(path, pixels=False), what)
+
+
+def require_frame_of_reference(source: DicomVolume, what: str) -> DicomVolume:
+    """``source``, if its slices carry a FrameOfReferenceUID; else a DicomError naming the
+    series: a planning system places a structure set or segmentation on the CT through
+    that UID, and an empty one would be refused by it, or matched to the wrong scan."""
+    if not source.frame_of_reference_uid:
+        raise DicomError(f"{source.folder}: the series has no FrameOfReferenceUID "
+                         f"(0020,0052), so a {what} of it could not be placed on the scan "
+                         "(the standard requires one). Nothing was written. Re-export the "
+                         "series from the scanner or PACS with it (de-identification "
+                         "tools can keep it), or save the mask as NIfTI/TIFF.")
+    return source
 
 
 def check_output(out_path: str | Path, sources: Sequence[Path]) -> Path:

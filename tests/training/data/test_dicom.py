@@ -221,6 +221,25 @@ def test_writers_refuse_non_dicom_source_and_overwrites(series, tmp_path):
             writer(mask[:, :, :-1], volume, CLASSES, tmp_path / "y.dcm", **kw)
 
 
+def test_writers_refuse_a_series_without_frame_of_reference(series, tmp_path):
+    """Stripped by some de-identification tools: the structure set and SEG would carry an
+    empty FrameOfReferenceUID (Type 1), tying their coordinates to no scan."""
+    folder, hu, _ = series
+    copy = tmp_path / "no_frame"
+    shutil.copytree(folder, copy)
+    for f in copy.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    kw = dict(algorithm_name="m", algorithm_version="1")
+    for writer in (write_dicom_seg, write_rtstruct):
+        for source in (copy, read_series(copy, pixels=False)):
+            out = tmp_path / f"{writer.__name__}.dcm"
+            with pytest.raises(DicomError, match=r"no FrameOfReferenceUID.*Nothing was written"):
+                writer(blob_mask(hu.shape), source, CLASSES, out, **kw)
+            assert not out.exists()
+
+
 # -- bad inputs -----------------------------------------------------------------------------
 def test_empty_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("not dicom")
