@@ -6,6 +6,9 @@
 table (rows = methods), printed and, with ``--out``, written to ``compare.md``.
 An ``--out`` that already holds any of these files (an earlier evaluation's) is refused
 before the model is loaded, unless ``--overwrite``; other files there are never touched.
+While it writes, ``--out`` is locked (``.napari-dmoe.lock``, as ``training.fit``'s run
+folder): a second run into the same ``--out`` is refused (exit 2) naming the first (command,
+process, host, start time); the lock of a killed run is taken over with a printed note.
 Each file is written under a temporary name and renamed when complete
 (``training.checkpoint.atomic_write_text`` / ``atomic_savefig``): a kill or a full disk
 (exit 4) leaves the earlier file or the new one, never a torn one; the temporary files a
@@ -104,20 +107,22 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
              overwrite: bool = False) -> EvaluationResult:
     """Segment every case of ``split`` and write the fairness report into ``out``.
 
-    Once ``out`` and the data are accepted, the temporary files that killed writes of
-    :data:`OUTPUT_FILES` left in ``out`` are deleted (one printed line names them).
+    Once ``out`` and the data are accepted, ``out`` is locked until the last file is
+    written (``training.run_folder.lock_outputs``) and the temporary files that killed
+    writes of :data:`OUTPUT_FILES` left in ``out`` are deleted (one printed line names them).
 
     Raises:
         training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
             (an earlier evaluation's) and not ``overwrite``; raised before the model is
             loaded, nothing is written or deleted.
+        training.run_folder.FolderInUseError: another run holds ``out``'s lock (it names
+            the holder); nothing is written or deleted.
     """
     from .checkpoint import TEMP_SUFFIX
     from .data import read_case
     from .engine import evaluate_cases
     from .inference import Segmenter
-    from .report import plot_violin, write_metrics_json, write_per_case_csv, write_report_md
-    from .run_folder import existing_files, refuse_earlier_outputs, remove_temp_files
+    from .run_folder import existing_files, lock_outputs, refuse_earlier_outputs
 
     out = Path(out)
     if not overwrite:
@@ -126,31 +131,39 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split
     attribute = seg.attribute_name
     cases = checkpoint_split(seg.metadata, checkpoint, data, split, format=format, seed=seed,
                              allow_changed_data=allow_changed_data, attribute=attribute)
-    remove_temp_files(out, dict.fromkeys(OUTPUT_FILES, TEMP_SUFFIX))  # out and data accepted
-    loaded = []
-    for c in cases:
-        image, label, meta = read_case(c, spatial_dims=seg.spatial_dims)
-        loaded.append((c.id, image, label, c.attributes.get(attribute, "") if attribute else "",
-                       meta.get("affine")))
-    for line in seg.unseen_values(v for _, _, _, v, _ in loaded):
-        print(line, file=sys.stderr)
-    fairness = evaluate_cases(seg, loaded, attribute, progress=progress)
-    summary = fairness.summary()
-    summary["checkpoint"] = str(checkpoint)
-    summary["split"] = split
-    if attribute and "," in attribute:  # intersectional: also per single attribute
-        from .stats import single_attribute_summaries
+    with lock_outputs(out, "training.evaluate", dict.fromkeys(OUTPUT_FILES, TEMP_SUFFIX),
+                      overwrite=overwrite):  # out and data accepted: held while it writes
+        loaded = []
+        for c in cases:
+            image, label, meta = read_case(c, spatial_dims=seg.spatial_dims)
+            loaded.append((c.id, image, label,
+                           c.attributes.get(attribute, "") if attribute else "",
+                           meta.get("affine")))
+        for line in seg.unseen_values(v for _, _, _, v, _ in loaded):
+            print(line, file=sys.stderr)
+        fairness = evaluate_cases(seg, loaded, attribute, progress=progress)
+        summary = fairness.summary()
+        summary["checkpoint"] = str(checkpoint)
+        summary["split"] = split
+        if attribute and "," in attribute:  # intersectional: also per single attribute
+            from .stats import single_attribute_summaries
 
-        summary["by_attribute"] = single_attribute_summaries(fairness.records,
-                                                             seg.class_names, attribute)
-    out.mkdir(parents=True, exist_ok=True)
-    write_metrics_json(summary, out / "metrics.json")
-    write_per_case_csv(fairness.records, seg.class_names, attribute or "attribute",
-                       out / "per_case.csv")
-    write_report_md(summary, out / "report.md",
-                    title=f"{Path(checkpoint).name} on {split} ({len(cases)} cases)")
-    plot_violin(fairness.records, seg.class_names, out / "violin.png")
+            summary["by_attribute"] = single_attribute_summaries(fairness.records,
+                                                                 seg.class_names, attribute)
+        _write_outputs(out, summary, fairness.records, seg.class_names, attribute,
+                       title=f"{Path(checkpoint).name} on {split} ({len(cases)} cases)")
     return EvaluationResult(out, summary, fairness.records)
+
+
+def _write_outputs(out: Path, summary: dict[str, Any], records: list[dict[str, Any]],
+                   class_names: list[str], attribute: str | None, title: str) -> None:
+    """:data:`OUTPUT_FILES` into ``out``, each written atomically."""
+    from .report import plot_violin, write_metrics_json, write_per_case_csv, write_report_md
+
+    write_metrics_json(summary, out / "metrics.json")
+    write_per_case_csv(records, class_names, attribute or "attribute", out / "per_case.csv")
+    write_report_md(summary, out / "report.md", title=title)
+    plot_violin(records, class_names, out / "violin.png")
 
 
 def write_compare(dirs: list[Path], names: list[str] | None, out: str | Path | None = None,
@@ -159,15 +172,15 @@ def write_compare(dirs: list[Path], names: list[str] | None, out: str | Path | N
     to ``out/compare.md`` (an existing one only with ``overwrite``, checked first)."""
     from .checkpoint import TEMP_SUFFIX, atomic_write_text
     from .report import compare_markdown
-    from .run_folder import existing_files, refuse_earlier_outputs, remove_temp_files
+    from .run_folder import existing_files, lock_outputs, refuse_earlier_outputs
 
     if out is not None and not overwrite:
         refuse_earlier_outputs(existing_files(out, [COMPARE_FILE]), out)
-    if out is not None:
-        remove_temp_files(out, {COMPARE_FILE: TEMP_SUFFIX})
     table = compare_markdown(dirs, names)
     if out is not None:
-        atomic_write_text(Path(out) / COMPARE_FILE, table + "\n")
+        with lock_outputs(out, "training.evaluate --compare", {COMPARE_FILE: TEMP_SUFFIX},
+                          overwrite=overwrite):
+            atomic_write_text(Path(out) / COMPARE_FILE, table + "\n")
     return table
 
 
