@@ -57,18 +57,12 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
 
     cases = combine_attributes(load_cases(data, format), combine or attribute)  # "race,gender"
     cases = assign_splits(cases, val_fraction, test_fraction, seed=seed)
-    if expected_hash and not allow_changed_data and split != "all":
-        from .fitting.preparation import manifest_hash
-
-        now = manifest_hash(cases)
-        if now != expected_hash:
-            then = f"{expected_cases} cases" if expected_cases else "an unrecorded number of cases"
-            raise DataError(
-                f"{data}: these data are not the data {checkpoint or 'the checkpoint'} was "
-                f"trained on (manifest hash {now}, {len(cases)} cases; the checkpoint's "
-                f"{expected_hash}, {then}). Cases, files, splits or attributes changed, so "
-                "the split may now mix training cases into it. Use the original data, or pass "
-                "--allow-changed-data to use them anyway (e.g. a dataset that was only moved).")
+    change = (_changed_data(cases, data, expected_hash, expected_cases, checkpoint)
+              if not allow_changed_data and split != "all" else None)
+    if change:
+        raise DataError(f"{change}, so the split may now mix training cases into it. Use the "
+                        "original data, or pass --allow-changed-data to use them anyway (e.g. "
+                        "a dataset that was only moved).")
     if split != "all":
         cases = [c for c in cases if c.split == split]
     if not cases:
@@ -77,6 +71,59 @@ def load_split(data: str | Path, split: str, *, format: str | None = None, seed:
         validate_cases(cases, attribute, spatial_dims=spatial_dims,
                        require_labels=require_labels)
     return cases
+
+
+def _changed_data(cases, data: str | Path, expected_hash: str | None,
+                  expected_cases: int | None, checkpoint: str | Path | None) -> str | None:
+    """``"<data>: these data are not the data … trained on (…). Cases, files, splits or
+    attributes changed"`` when the manifest hash of ``cases`` differs from
+    ``expected_hash``; None when it is the same or nothing was recorded."""
+    if not expected_hash:
+        return None
+    from .fitting.preparation import manifest_hash
+
+    now = manifest_hash(cases)
+    if now == expected_hash:
+        return None
+    then = f"{expected_cases} cases" if expected_cases else "an unrecorded number of cases"
+    return (f"{data}: these data are not the data {checkpoint or 'the checkpoint'} was "
+            f"trained on (manifest hash {now}, {len(cases)} cases; the checkpoint's "
+            f"{expected_hash}, {then}). Cases, files, splits or attributes changed")
+
+
+def _split_settings(metadata: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """The checkpoint's seed, split fractions, data hash and attribute, as
+    :func:`load_split` takes them."""
+    prov = metadata.get("provenance") or {}
+    cfg = prov.get("config") or {}
+    return {"seed": cfg.get("seed", seed), "val_fraction": cfg.get("val_fraction", 0.15),
+            "test_fraction": cfg.get("test_fraction", 0.15),
+            "expected_hash": prov.get("data_manifest_hash"),
+            "expected_cases": prov.get("data_cases"),
+            "combine": (metadata.get("attribute") or {}).get("name")}
+
+
+def data_change(metadata: dict[str, Any], checkpoint: str | Path, data: str | Path, *,
+                format: str | None = None) -> str | None:
+    """Why ``data`` are not the data the checkpoint was trained on, or None when they are
+    (or the checkpoint recorded no data hash): the sentence :func:`load_split` refuses them
+    with, without its advice, for a caller that asks the user before passing
+    ``allow_changed_data``. Reads only the data's listing (no image is decoded).
+
+    ``metadata``: the checkpoint's (``Segmenter.metadata`` or
+    ``training.checkpoint.read_header(checkpoint)[0]``).
+
+    Raises:
+        training.data.DataError: the data cannot be listed.
+    """
+    from .data import assign_splits, combine_attributes, load_cases
+
+    settings = _split_settings(metadata)
+    cases = combine_attributes(load_cases(data, format), settings["combine"])
+    cases = assign_splits(cases, settings["val_fraction"], settings["test_fraction"],
+                          seed=settings["seed"])
+    return _changed_data(cases, data, settings["expected_hash"], settings["expected_cases"],
+                         checkpoint)
 
 
 def checkpoint_split(metadata: dict[str, Any], checkpoint: str | Path, data: str | Path,
@@ -88,17 +135,11 @@ def checkpoint_split(metadata: dict[str, Any], checkpoint: str | Path, data: str
     ``metadata``: the checkpoint's metadata (``Segmenter.metadata``, or
     ``training.checkpoint.read_header(checkpoint)[0]`` before any model is loaded).
     """
-    prov = metadata.get("provenance") or {}
-    cfg = prov.get("config") or {}
-    return load_split(data, split, format=format, seed=cfg.get("seed", seed),
-                      val_fraction=cfg.get("val_fraction", 0.15),
-                      test_fraction=cfg.get("test_fraction", 0.15),
-                      require_labels=require_labels, attribute=attribute,
+    return load_split(data, split, format=format, require_labels=require_labels,
+                      attribute=attribute,
                       spatial_dims=(metadata.get("preprocessing") or {}).get("spatial_dims"),
-                      expected_hash=prov.get("data_manifest_hash"),
-                      expected_cases=prov.get("data_cases"),
                       allow_changed_data=allow_changed_data, checkpoint=checkpoint,
-                      combine=(metadata.get("attribute") or {}).get("name"), validate=validate)
+                      validate=validate, **_split_settings(metadata, seed))
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
