@@ -107,7 +107,8 @@ def save_labels(layer: Any, path: str | Path, name_filter: str,
 
     Refuses the layer's own source file and every path in ``protected`` (the files the
     open layers were read from); asks ``confirm(path)`` before replacing another existing
-    file (returns [] when the user says no).
+    file (returns [] when the user says no), except a DICOM file, which is never replaced.
+    The writers replace a file only once the new one is complete (``_writer``).
     """
     from . import _writer
 
@@ -117,6 +118,9 @@ def save_labels(layer: Any, path: str | Path, name_filter: str,
         if Path(source).resolve() == out.resolve():
             raise ValueError(f"{out} is an input (a file an open layer was read from); "
                              "choose another file name (outputs never replace inputs).")
+    if out.exists() and name_filter in DICOM_FORMATS:
+        raise ValueError(f"{out} exists, and DICOM-SEG and RTSTRUCT files are never "
+                         "replaced; choose another file name.")
     if out.exists() and not confirm(out):
         return []
     writer = getattr(_writer, function, None)

@@ -100,6 +100,11 @@ def test_truth_chooser_live_dice_region_probability_and_save(make_napari_viewer,
     assert list(_actions.save_formats(limited)) == ["NIfTI (*.nii.gz)", "TIFF (*.tif)"]
     fake_dicom = type("L", (), {"metadata": {META: {"dicom_source": "/x"}}})()
     assert "DICOM-SEG (*.dcm)" in _actions.save_formats(fake_dicom)
+    (tmp_path / "seg.dcm").write_bytes(b"an earlier DICOM-SEG")  # never replaced, not asked
+    with pytest.raises(ValueError, match="DICOM-SEG and RTSTRUCT files are never replaced"):
+        _actions.save_labels(fake_dicom, tmp_path / "seg.dcm", "DICOM-SEG (*.dcm)",
+                             lambda p: pytest.fail("asked"))
+    assert (tmp_path / "seg.dcm").read_bytes() == b"an earlier DICOM-SEG"
     asked = []
     written = _actions.save_labels(limited, tmp_path / "mask", "NIfTI (*.nii.gz)",
                                    lambda p: asked.append(p) or False)
