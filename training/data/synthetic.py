@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.io import write_label
+from training.data.io import file_suffix, write_label
 from training.data.manifest import write_manifest
 from training.data.synthetic_images import draw_ct, draw_fundus, draw_skin
 
@@ -181,11 +181,7 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     suffix, from which the writers pick the format)."""
     from training.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(path, write, temp_suffix=_suffix(path.name))
-
-
-def _suffix(name: str) -> str:
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+    atomic_write_bytes(path, write, temp_suffix=file_suffix(path))
 
 
 def _write_case(kind: str, rng: np.random.Generator, group: str, out: Path, case_id: str
@@ -275,7 +271,7 @@ def _remove_killed_writes(kind: str, out: Path, n: int) -> None:
     cases = [_case_files(kind, _case_id(kind, i)) for i in range(n)]
     for sub, position in (("images", 0), ("labels", 1)):
         names = [Path(files[position]).name for files in cases]
-        remove_temp_files(out / sub, {name: _suffix(name) for name in names}, log=None)
+        remove_temp_files(out / sub, {name: file_suffix(name) for name in names}, log=None)
     remove_temp_files(out, {"dataset.json": ".tmp", "manifest.csv": ".tmp"}, log=None)
 
 
