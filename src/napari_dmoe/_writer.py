@@ -69,8 +69,8 @@ def _write_atomic(out: Path, attributes: dict[str, Any],
 
     Raises:
         ValueError: ``out`` is the file the layer was read from; nothing is written.
-        OSError: the write failed (``training.checkpoint.CheckpointWriteError``, naming the
-            file and saying the earlier one is unchanged).
+        OSError: the write failed (the message names the file, the cause, says the
+            earlier file is unchanged and what to do).
     """
     source = ((attributes.get("metadata") or {}).get(META) or {}).get("source")
     if source and _same_file(Path(source), out):
@@ -79,9 +79,13 @@ def _write_atomic(out: Path, attributes: dict[str, Any],
     from ._compat import prepare_torch
 
     prepare_torch()
-    from training.checkpoint import atomic_write_bytes
+    from training.checkpoint import CheckpointWriteError, atomic_write_bytes
 
-    atomic_write_bytes(out, write, temp_suffix=file_suffix(out))
+    try:
+        atomic_write_bytes(out, write, temp_suffix=file_suffix(out))
+    except CheckpointWriteError as exc:  # its advice is for the command line
+        raise OSError(f"{exc.reason}. Free some space or choose another folder (one you "
+                      "can write to), then save again.") from None
     return [str(out)]
 
 
