@@ -125,7 +125,7 @@ def test_truth_chooser_live_dice_region_probability_and_save(make_napari_viewer,
     assert source.read_bytes() == b"the user's scan"
 
 
-def _checkpoint(path, moe: str, **metadata):
+def tiny_checkpoint(path, moe: str, **metadata):
     import torch
 
     from training.checkpoint import save_checkpoint
@@ -146,7 +146,7 @@ def _checkpoint(path, moe: str, **metadata):
     return path
 
 
-def _fundus_viewer(make_napari_viewer, qtbot, checkpoint):
+def fundus_viewer(make_napari_viewer, qtbot, checkpoint):
     """A shown 1500x950 viewer with the fundus sample and the plugin's dock on
     ``checkpoint``, model loaded: ``(viewer, widget)``."""
     viewer = make_napari_viewer(show=True)
@@ -160,8 +160,8 @@ def _fundus_viewer(make_napari_viewer, qtbot, checkpoint):
 
 @pytest.mark.parametrize("moe", ["dmoe", "moe"])
 def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_path, moe):
-    ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
-    viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
+    ckpt = tiny_checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
+    viewer, widget = fundus_viewer(make_napari_viewer, qtbot, ckpt)
     widget.routing_check.setChecked(True)
     names = {}
     for value in ("Black", "White"):
@@ -196,7 +196,7 @@ def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_pa
     shot(viewer, qtbot, f"features_switch_{moe}.png")
 
 
-def _scan_folder(folder, n: int):
+def scan_folder(folder, n: int):
     """``folder`` with ``n`` random grey 48x56 PNGs ``scan0.png``, …"""
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -208,7 +208,7 @@ def _scan_folder(folder, n: int):
 
 def test_batch_folder_and_open_images(open_widget, qtbot, tmp_path):  # noqa: F811
     viewer, widget = open_widget("fundus")
-    source = _scan_folder(tmp_path / "images", 3)
+    source = scan_folder(tmp_path / "images", 3)
     with pytest.raises(ValueError, match="inside the input folder"):
         _batch.check_folders(source, source / "out")
     out = tmp_path / "out"
@@ -234,7 +234,7 @@ def test_batch_asks_before_replacing_an_earlier_runs_files(open_widget, qtbot,  
     from qtpy.QtWidgets import QMessageBox
 
     viewer, widget = open_widget("fundus")
-    source = _scan_folder(tmp_path / "images", 2)
+    source = scan_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     out.mkdir()
     earlier = {"scan0.png": b"earlier mask", "predictions.csv": b"id,attribute_value,file\n",
@@ -314,8 +314,8 @@ def test_dataset_routing_without_moe_layers_says_so_at_once(make_napari_viewer, 
     from training.data import make_synthetic_dataset
 
     data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
-    ckpt = _checkpoint(tmp_path / "fundus_none.safetensors", "none")
-    viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
+    ckpt = tiny_checkpoint(tmp_path / "fundus_none.safetensors", "none")
+    viewer, widget = fundus_viewer(make_napari_viewer, qtbot, ckpt)
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: 1 / 0)
     message = ("fundus_none has no dMoE/MoE layers, so there is no expert routing to show; "
                "nothing was run.")
@@ -334,8 +334,8 @@ def test_dataset_routing_of_an_attribute_blind_moe_says_one_router(make_napari_v
     from training.data import make_synthetic_dataset
 
     data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
-    ckpt = _checkpoint(tmp_path / "fundus_moe.safetensors", "moe")
-    viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
+    ckpt = tiny_checkpoint(tmp_path / "fundus_moe.safetensors", "moe")
+    viewer, widget = fundus_viewer(make_napari_viewer, qtbot, ckpt)
     out = tmp_path / "routing"
     _actions.start_dataset_routing(widget, data, out, split="all")
     wait_idle(qtbot, widget)

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import QFileDialog, QLabel, QMessageBox
 from napari_dmoe import _actions, _batch
 
 from .test_widget import open_widget, shot, wait_idle  # noqa: F401
-from .test_widget_features import _checkpoint, _fundus_viewer, _scan_folder
+from .test_widget_features import fundus_viewer, scan_folder, tiny_checkpoint
 
 pytestmark = pytest.mark.gui
 LOCK = ".napari-dmoe.lock"
@@ -45,7 +45,7 @@ def no_question(monkeypatch):
 def test_batch_into_a_folder_another_run_is_writing_is_refused_at_once(
         open_widget, qtbot, tmp_path, no_question):  # noqa: F811
     viewer, widget = open_widget("fundus")
-    source = _scan_folder(tmp_path / "images", 2)
+    source = scan_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     holder = _lock(out, os.getppid())  # alive, on this host, not this process
     (out / "scan0.png").write_bytes(b"earlier mask")  # no replace question is asked first
@@ -63,7 +63,7 @@ def test_batch_whose_folder_is_locked_after_the_check_shows_the_refusal(
     (another run started after the widget's check) ends with the refusal in the status line,
     not a traceback, and writes nothing."""
     viewer, widget = open_widget("fundus")
-    source = _scan_folder(tmp_path / "images", 2)
+    source = scan_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     monkeypatch.setattr(_batch, "refuse_folder_in_use", lambda out: _lock(out, os.getppid()))
     _actions.start_batch_folder(widget, source, out)
@@ -97,10 +97,10 @@ def changed_data(make_napari_viewer, qtbot, tmp_path):
 
     def factory():
         data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
-        ckpt = _checkpoint(tmp_path / "fundus_dmoe.safetensors", "dmoe", provenance={
+        ckpt = tiny_checkpoint(tmp_path / "fundus_dmoe.safetensors", "dmoe", provenance={
             "data_manifest_hash": "0" * 16, "data_cases": 400,
             "config": {"seed": 0, "val_fraction": 0.1, "test_fraction": 0.1}})
-        viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
+        viewer, widget = fundus_viewer(make_napari_viewer, qtbot, ckpt)
         return viewer, widget, data
 
     return factory
