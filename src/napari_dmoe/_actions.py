@@ -340,6 +340,30 @@ def confirm_changed_data(widget: Any, change: str, split: str, model: str) -> bo
     return box.exec() == QMessageBox.StandardButton.Yes
 
 
+def accept_routing_data(widget: Any, data: Path, split: str) -> bool | None:
+    """Whether Dataset routing… may run on ``data``: None when not (the model has no
+    dMoE/MoE layers, the data cannot be listed, or the user declined data other than the
+    model's training data; the status line says which), else whether the data differ
+    from the training data (``allow_changed_data``)."""
+    name, seg = widget.model_entry.name, widget.segmenter
+    reason = no_routing_reason(widget)
+    if reason:
+        widget._set_status(reason, "#d08770")
+        return None
+    try:
+        change = _batch.routing_data_change(widget.model_entry.path, data, split,
+                                            seg.metadata if seg is not None else None)
+    except (ValueError, OSError) as exc:
+        widget._report_error(str(exc))
+        return None
+    if change and not confirm_changed_data(widget, change, split, name):
+        widget._set_status(f"Nothing was run: {data} does not hold the data {name} was "
+                           "trained on. Choose its training data, or answer Yes to use "
+                           "these anyway.", "gray")
+        return None
+    return bool(change)
+
+
 def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test") -> None:
     """Run ``training.routing`` into ``out`` in a worker, then show its figure
     (:func:`show_figure`, kept as ``widget.routing_figure``).
@@ -352,23 +376,9 @@ def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test
     name = widget.model_entry.name
     seg = widget.segmenter
     folders = widget.temporary_folders
-    reason = no_routing_reason(widget)
-    if reason:
+    allow_changed_data = accept_routing_data(widget, data, split)
+    if allow_changed_data is None:
         folders.remove(out)
-        widget._set_status(reason, "#d08770")
-        return
-    try:
-        change = _batch.routing_data_change(widget.model_entry.path, data, split,
-                                            seg.metadata if seg is not None else None)
-    except (ValueError, OSError) as exc:
-        folders.remove(out)
-        widget._report_error(str(exc))
-        return
-    if change and not confirm_changed_data(widget, change, split, name):
-        folders.remove(out)
-        widget._set_status(f"Nothing was run: {data} does not hold the data {name} was "
-                           "trained on. Choose its training data, or answer Yes to use "
-                           "these anyway.", "gray")
         return
     one_router = seg is not None and not seg.uses_attribute
     attribute = (seg.attribute_name if seg is not None else None) or "the attribute"
@@ -400,7 +410,7 @@ def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test
 
     _run_job(widget, _batch.dataset_routing, widget.model_entry.path, data, out, split,
              device=widget.device_combo.currentText() or "auto", done=done, unit="case",
-             finished=finished, allow_changed_data=bool(change))
+             finished=finished, allow_changed_data=allow_changed_data)
 
 
 def show_figure(widget: Any, path: Path, note: str = "") -> QDialog:
