@@ -10,7 +10,10 @@ kind=${2:-fundus}
 attribute=race
 [ "$kind" = intersectional ] && attribute=race,gender
 data=$out/data/$kind
-[ -f "$data/manifest.csv" ] || python -m training.synth --kind "$kind" --out "$data" --n 240 --seed 0
+# no manifest.csv: none yet, or an interrupted synth (manifest.csv is written last), whose
+# files --overwrite replaces
+[ -f "$data/manifest.csv" ] || \
+  python -m training.synth --kind "$kind" --out "$data" --n 240 --seed 0 --overwrite
 python -m training.benchmark --data "$data/manifest.csv" --attribute "$attribute" \
   --classes background,rim,cup --image-size 48 --batch-size 8 --epochs 8 --lr 2e-3 \
   --model-kwargs '{"embed_dim": 48, "depth": 2, "num_heads": 2}' \

@@ -12,8 +12,10 @@ models=src/napari_dmoe/models
 mkdir -p "$work" "$models"
 demo() {  # name kind attribute classes extra-fit-flags...
   local name=$1 kind=$2 attribute=$3 classes=$4; shift 4
+  # no manifest.csv: none yet, or an interrupted synth (manifest.csv is written last)
   [ -f "$work/data/$kind/manifest.csv" ] || \
-    python -m training.synth --kind "$kind" --out "$work/data/$kind" --seed 0 > /dev/null
+    python -m training.synth --kind "$kind" --out "$work/data/$kind" --seed 0 --overwrite \
+      > /dev/null
   python -m training.fit --data "$work/data/$kind/manifest.csv" --attribute "$attribute" \
     --classes "$classes" --moe dmoe --preset tiny --seed 0 --out "$work/$name" --resume \
     --description "DEMO model trained on synthetic $kind data (training.synth) - not for clinical use" \

@@ -13,9 +13,11 @@ Public API (import from the submodules; nothing heavy is imported here):
 - ``training.losses``: ``build_loss`` (``dicece``, ``febs``, ``groupdro``, ``adv``);
   ``training.adversarial`` (the gradient-reversal discriminator).
 - ``training.fitting``: ``FitConfig``, ``fit`` (the engine), ``prepare_data``,
-  ``build_model``; ``training.run_folder`` (run-folder lock, overwrite refusal, temp-file
-  clean-up; the refusal of ``predict``/``evaluate``/``routing`` to replace an earlier
-  run's outputs without ``--overwrite``).
+  ``build_model``; ``training.run_folder`` (the output-folder lock ``lock_folder`` /
+  ``lock_outputs`` held by ``fit``, ``predict``, ``evaluate`` and ``routing`` while they
+  write, overwrite refusal, temp-file clean-up; the refusal of
+  ``predict``/``evaluate``/``routing`` to replace an earlier run's outputs without
+  ``--overwrite``).
 - ``training.metrics``: ``case_scores``, ``equity_scaled``, ``fairness_summary``,
   ``RunningFairness``; ``training.report``: metrics.json / report.md / violin / compare.
 - ``training.checkpoint``: ``save_checkpoint``, ``load_checkpoint`` (safetensors, no pickle);

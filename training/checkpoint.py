@@ -87,8 +87,14 @@ _TEMP_RANDOM = re.compile(r"[A-Za-z0-9_]{8}")
 class CheckpointWriteError(OSError):
     """A checkpoint or state file could not be written (disk full, read-only folder...).
 
-    The message names the file, the cause and says that the previous file is unchanged.
+    The message names the file, the cause and says that the previous file is unchanged,
+    then what to do on the command line; ``reason`` is the message without that advice,
+    for a caller (the plugin) that gives its own.
     """
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(f"{reason}. {advice}")
+        self.reason = reason
 
 
 def fault_point(phase: str, path: Path, tmp: str) -> None:
@@ -162,11 +168,11 @@ def atomic_write_bytes(path: str | os.PathLike, write, temp_suffix: str = TEMP_S
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise CheckpointWriteError(_write_failure(path, exc)) from None
+            raise CheckpointWriteError(*_write_failure(path, exc)) from None
         except Exception as exc:  # safetensors reports disk-full as SafetensorError
             if type(exc).__name__ != "SafetensorError":
                 raise
-            raise CheckpointWriteError(_write_failure(path, exc)) from None
+            raise CheckpointWriteError(*_write_failure(path, exc)) from None
         fault_point("written", path, tmp)
         umask = os.umask(0)
         os.umask(umask)
@@ -179,7 +185,8 @@ def atomic_write_bytes(path: str | os.PathLike, write, temp_suffix: str = TEMP_S
     return path
 
 
-def _write_failure(path: Path, exc: BaseException) -> str:
+def _write_failure(path: Path, exc: BaseException) -> tuple[str, str]:
+    """``(reason, advice)`` of a :class:`CheckpointWriteError`."""
     import errno
     import shutil
 
@@ -193,9 +200,9 @@ def _write_failure(path: Path, exc: BaseException) -> str:
             else f"no {path.name} was written")
     if full:
         return (f"cannot write {path}: no space left on the device ({free} in {path.parent}); "
-                f"{keep}. Free some space (or choose another --out), then run again "
+                f"{keep}", "Free some space (or choose another --out), then run again "
                 "(training runs: add --resume).")
-    return f"cannot write {path}: {text}; {keep}. Check the folder is writable, then run again."
+    return f"cannot write {path}: {text}; {keep}", "Check the folder is writable, then run again."
 
 
 def checkpoint_header(model: nn.Module, **metadata: Any) -> str:

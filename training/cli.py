@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: ``--config file.yaml`` defaults and YAML output."""
+"""Shared CLI plumbing: ``--config file.yaml`` defaults and YAML output (``config.yaml``,
+written atomically)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,17 @@ def parse_with_config(
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as block-style YAML (tuples become lists)."""
+    """Write ``data`` as block-style YAML (tuples become lists), atomically
+    (``training.checkpoint.atomic_write_text``): a kill or a full disk leaves the earlier
+    file or the new one, never a torn one.
+
+    Raises:
+        training.checkpoint.CheckpointWriteError: the write failed; the earlier file is
+            unchanged.
+    """
     import yaml
+
+    from .checkpoint import atomic_write_text
 
     def plain(v: Any) -> Any:
         if isinstance(v, (list, tuple)):
@@ -75,4 +85,4 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
             return str(v)
         return v
 
-    Path(path).write_text(yaml.safe_dump(plain(data), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(plain(data), sort_keys=False))

@@ -205,6 +205,15 @@ class Segmenter:
         return self.preprocessing.in_channels
 
     @property
+    def has_routing(self) -> bool:
+        """Whether the network has dMoE/MoE layers (``training.networks.DMoE``): only then
+        does ``segment(return_routing=True)`` return routing maps and ``training.routing``
+        have expert usage to report."""
+        from .networks import DMoE
+
+        return any(isinstance(m, DMoE) for m in self.model.modules())
+
+    @property
     def description(self) -> str:
         """One line for UIs: architecture, MoE mode, attribute and classes."""
         kw = self.metadata["model"]["kwargs"]

@@ -13,7 +13,10 @@ run's case ids and suffix, or ``predictions.csv``) is refused before the model i
 unless ``--overwrite``: the listing counts as an output, so a run whose case ids are all new
 is refused too when an earlier ``predictions.csv`` is there (it would be replaced, and
 would no longer list the earlier files). :func:`existing_outputs` lists those files, for a
-caller that wants to ask first. Other files in ``--out`` are never touched.
+caller that wants to ask first. Other files in ``--out`` are never touched. While it
+writes, ``--out`` is locked (``.napari-dmoe.lock``, as ``training.fit``'s run folder): a
+second run into the same ``--out`` is refused (exit 2) naming the first (command, process,
+host, start time); the lock of a killed run is taken over with a note.
 
 From Python, :func:`predict` also takes several images at once, an already loaded
 ``Segmenter`` (no second load) and a ``should_cancel`` callback: a cancelled run keeps the
@@ -219,23 +222,26 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
         should_cancel: polled before each case and between 3D windows; True stops the run.
         overwrite: replace the files an earlier run left in ``out`` that this run writes
             (:func:`existing_outputs`); without it such a run is refused. Once ``out`` and
-            the cases are accepted, the temporary files that killed writes of this run's
-            file names left in ``out`` are deleted (one line naming them to ``log``, else
-            printed).
+            the cases are accepted, ``out`` is locked until the last file is written
+            (``training.run_folder.lock_outputs``) and the temporary files that killed
+            writes of this run's file names left in ``out`` are deleted (one line naming
+            them to ``log``, else printed).
 
     Raises:
         training.run_folder.RunFolderError: ``out`` holds files this run would write
             (:func:`existing_outputs`) and not ``overwrite``; raised before the model is
             loaded or any image decoded, nothing is written or deleted.
+        training.run_folder.FolderInUseError: another run holds ``out``'s lock (it names
+            the holder); nothing is written or deleted.
         training.inference.Cancelled: ``should_cancel`` said so. The finished cases' label
             files stay, ``predictions.csv`` lists exactly them, the case in progress is not
             written; the exception's ``rows``, ``total`` and ``out`` say what was written.
     """
     from .checkpoint import read_header
-    from .data import read_image, validate_cases
+    from .data import validate_cases
     from .evaluate import checkpoint_split
-    from .inference import Cancelled, Segmenter
-    from .run_folder import refuse_earlier_outputs, remove_temp_files
+    from .inference import Segmenter
+    from .run_folder import lock_outputs, refuse_earlier_outputs
 
     if (data is None) == (image is None):
         raise ValueError("give either data (a dataset) or image (one file)")
@@ -260,8 +266,19 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
     if attribute:
         for line in seg.unseen_values(c.attributes.get(attribute, "") for c in cases):
             (log or print)(line)
-    remove_temp_files(out, _planned(cases, output_format), log=log or print)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_outputs(out, "training.predict", _planned(cases, output_format),
+                      overwrite=overwrite, log=log or print):  # held while it writes
+        return _segment_cases(cases, seg, Path(checkpoint), out, attribute, output_format,
+                              progress=progress, log=log, should_cancel=should_cancel)
+
+
+def _segment_cases(cases, seg, checkpoint: Path, out: Path, attribute: str | None,
+                   output_format: str | None, *, progress=None, log=None,
+                   should_cancel: Callable[[], bool] | None = None) -> list[dict[str, str]]:
+    """:func:`predict`'s loop over accepted ``cases`` into the locked ``out``."""
+    from .data import read_image
+    from .inference import Cancelled
+
     cancel = should_cancel or (lambda: False)
     rows: list[dict[str, str]] = []
     try:
@@ -274,7 +291,7 @@ def predict(checkpoint: str | Path, out: str | Path, *, data: str | Path | None 
                                  affine=meta.get("affine"), should_cancel=cancel)
             for line in result.notices if log else ():
                 log(f"{case.id}: {line}")
-            path = _write_prediction(case, result.labels, meta, result, seg, Path(checkpoint),
+            path = _write_prediction(case, result.labels, meta, result, seg, checkpoint,
                                      out, output_format)
             rows.append({"id": case.id, "attribute_value": result.attribute_value,
                          "file": path.name})

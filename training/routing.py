@@ -35,7 +35,9 @@ before the model is loaded, unless ``--overwrite``; other files there are never 
 Both files are written under a temporary name and renamed when complete: a kill or a full
 disk (exit 4) leaves the earlier file or the new one, never a torn one; the temporary files
 a killed run left (``.routing.json.XXXXXXXX.tmp``, …) are deleted by the next run into the
-same ``--out`` that gets past that refusal, which prints one line naming them.
+same ``--out`` that gets past that refusal, which prints one line naming them. While it
+writes, ``--out`` is locked (``.napari-dmoe.lock``, as ``training.fit``'s run folder): a
+second run into the same ``--out`` is refused (exit 2) naming the first.
 """
 
 from __future__ import annotations
@@ -225,8 +227,9 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     A model without dMoE/MoE layers gets no figure; with ``overwrite`` an earlier
     ``routing.png`` in ``out`` is deleted (before the JSON is replaced), so no figure of
     another model's routing is left beside the new ``routing.json``. Once ``out`` and the
-    data are accepted, the temporary files that killed writes of :data:`OUTPUT_FILES` left
-    in ``out`` are deleted (one printed line names them).
+    data are accepted, ``out`` is locked until the last file is written
+    (``training.run_folder.lock_outputs``) and the temporary files that killed writes of
+    :data:`OUTPUT_FILES` left in ``out`` are deleted (one printed line names them).
 
     Raises:
         training.run_folder.RunFolderError: ``out`` holds one of :data:`OUTPUT_FILES`
@@ -236,12 +239,14 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
             (its manifest hash differs) and not ``allow_changed_data``, for a ``split``
             other than ``"all"`` (``training.evaluate.checkpoint_split``); nothing is
             written or deleted.
+        training.run_folder.FolderInUseError: another run holds ``out``'s lock (it names
+            the holder); nothing is written or deleted.
     """
     from .checkpoint import TEMP_SUFFIX, atomic_write_text
     from .data import read_case
     from .evaluate import checkpoint_split
     from .inference import Segmenter
-    from .run_folder import existing_files, refuse_earlier_outputs, remove_temp_files
+    from .run_folder import existing_files, lock_outputs, refuse_earlier_outputs
 
     out = Path(out)
     if not overwrite:
@@ -251,22 +256,23 @@ def routing_report(checkpoint: str | Path, data: str | Path, out: str | Path, *,
     cases = checkpoint_split(seg.metadata, checkpoint, data, split, format=format, seed=seed,
                              allow_changed_data=allow_changed_data, require_labels=False,
                              attribute=attribute)
-    remove_temp_files(out, dict.fromkeys(OUTPUT_FILES, TEMP_SUFFIX))  # out and data accepted
-    loaded = []
-    for case in cases:
-        image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)
-        loaded.append((image, case.attributes.get(attribute, "") if attribute else ""))
-    stats = routing_statistics(seg, loaded, progress=progress, should_cancel=should_cancel)
-    removed = []
-    figure = out / "routing.png"
-    if not stats["layers"] and overwrite and os.path.lexists(figure):
-        figure.unlink()  # first: a kill before the JSON is written leaves the earlier JSON
-        removed.append(figure)
-    atomic_write_text(out / "routing.json", json.dumps(stats, indent=2))
-    if stats["layers"]:
-        plot_routing(stats, figure,
-                     title=f"{Path(checkpoint).stem} on {split} ({len(loaded)} cases): "
-                           f"top-1 expert usage per {attribute or 'group'}")
+    with lock_outputs(out, "training.routing", dict.fromkeys(OUTPUT_FILES, TEMP_SUFFIX),
+                      overwrite=overwrite):  # out and data accepted: held while it writes
+        loaded = []
+        for case in cases:
+            image, _, _ = read_case(case, spatial_dims=seg.spatial_dims)
+            loaded.append((image, case.attributes.get(attribute, "") if attribute else ""))
+        stats = routing_statistics(seg, loaded, progress=progress, should_cancel=should_cancel)
+        removed = []
+        figure = out / "routing.png"
+        if not stats["layers"] and overwrite and os.path.lexists(figure):
+            figure.unlink()  # first: a kill before the JSON is written leaves the earlier JSON
+            removed.append(figure)
+        atomic_write_text(out / "routing.json", json.dumps(stats, indent=2))
+        if stats["layers"]:
+            plot_routing(stats, figure,
+                         title=f"{Path(checkpoint).stem} on {split} ({len(loaded)} cases): "
+                               f"top-1 expert usage per {attribute or 'group'}")
     return RoutingReport(out, stats, removed)
 
 

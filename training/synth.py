@@ -1,9 +1,12 @@
 """``python -m training.synth``: write a synthetic fairness dataset (generic manifest).
 
-    python -m training.synth --kind fundus|skin|ct --out DIR [--n N] [--seed S]
+    python -m training.synth --kind fundus|skin|ct --out DIR [--n N] [--seed S] [--overwrite]
 
 Groups differ in appearance and in contouring policy (see ``training.data.synthetic``);
 the output feeds the tests, the plugin's sample data, the demo models and the README.
+An ``--out`` that already holds a dataset is refused (exit 2, naming its files) unless
+``--overwrite``, which replaces only a dataset training.synth wrote; every file is written
+under a temporary name and renamed when complete, ``manifest.csv`` last.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import sys
 import time
 
+from training.checkpoint import CheckpointWriteError
 from training.data.synthetic import ATTRIBUTE, DEFAULT_N, KINDS, make_synthetic_dataset
 
 
@@ -31,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="number of cases (default: " + ", ".join(
                            f"{k} {v}" for k, v in DEFAULT_N.items()) + ")")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the synthetic dataset already in --out (its manifest, "
+                            "dataset.json and case files); refused without it")
     return parser
 
 
@@ -45,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = make_synthetic_dataset(args.kind, args.out, n=args.n, seed=args.seed,
-                                          progress=progress)
+                                          progress=progress, overwrite=args.overwrite)
     except ValueError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:  # disk full, read-only folder: the message says which
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 4
     print(f"\nwrote {manifest} ({time.perf_counter() - start:.1f} s); routing attribute: "
           f"--attribute {ATTRIBUTE[args.kind]}", file=sys.stderr)
     return 0

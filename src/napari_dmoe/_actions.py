@@ -9,14 +9,18 @@
   or every open image layer, in a worker, with the widget's progress bar and Cancel. An
   output folder holding an earlier run's files that the run would replace (same case ids,
   ``predictions.csv``) is used only after the user confirms replacing them.
+  An output folder another run is writing into (its ``training`` lock) is refused at once,
+  naming that run.
 - **Dataset routing…** runs ``training.routing`` on a manifest or dataset folder in a
-  worker and shows ``routing.png`` in a small dialog; a model without dMoE/MoE layers has
-  no routing (``training.routing`` writes no figure), which the status line says instead.
+  worker, into a temporary folder removed when the figure's dialog (or the widget) closes,
+  and shows ``routing.png`` in a small dialog. A model without dMoE/MoE layers has no
+  routing, which the status line says at once (nothing runs); data other than the model's
+  training data are used only after the user confirms (their test split may hold training
+  cases).
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,7 +107,8 @@ def save_labels(layer: Any, path: str | Path, name_filter: str,
 
     Refuses the layer's own source file and every path in ``protected`` (the files the
     open layers were read from); asks ``confirm(path)`` before replacing another existing
-    file (returns [] when the user says no).
+    file (returns [] when the user says no), except a DICOM file, which is never replaced.
+    The writers replace a file only once the new one is complete (``_writer``).
     """
     from . import _writer
 
@@ -113,6 +118,9 @@ def save_labels(layer: Any, path: str | Path, name_filter: str,
         if Path(source).resolve() == out.resolve():
             raise ValueError(f"{out} is an input (a file an open layer was read from); "
                              "choose another file name (outputs never replace inputs).")
+    if out.exists() and name_filter in DICOM_FORMATS:
+        raise ValueError(f"{out} exists, and DICOM-SEG and RTSTRUCT files are never "
+                         "replaced; choose another file name.")
     if out.exists() and not confirm(out):
         return []
     writer = getattr(_writer, function, None)
@@ -193,13 +201,16 @@ def batch_dialog(widget: Any) -> None:
 
 
 def _run_job(widget: Any, function: Callable[..., Any], *args: Any,
-             done: Callable[[Any], None], unit: str = "window", **kwargs: Any) -> None:
+             done: Callable[[Any], None], unit: str = "window",
+             finished: Callable[[], None] | None = None, **kwargs: Any) -> None:
     """Run a generator job with the widget's progress bar, Cancel and error display;
-    ``unit`` names its progress steps in the status line."""
+    ``unit`` names its progress steps in the status line; ``done(result)`` when it returns,
+    ``finished()`` when it ends in any way (returned, cancelled or failed)."""
     import threading
 
     widget._cancel = threading.Event()
-    widget._job = {"slices": False, "unit": unit, "done": done}  # dropped when finished
+    widget._job = {"slices": False, "unit": unit, "done": done,  # dropped when finished
+                   "finished": finished}
     widget._set_busy(True, "Working…", running=True)
     widget.worker = create_worker(
         function, *args, cancel=widget._cancel, **kwargs,
@@ -249,6 +260,7 @@ def start_batch_folder(widget: Any, source: Path, out: Path) -> None:
 
     try:
         _batch.check_folders(source, out)
+        _batch.refuse_folder_in_use(out)
         existing = _batch.earlier_outputs(source, out)
     except (ValueError, OSError) as exc:
         widget._report_error(str(exc))
@@ -287,9 +299,22 @@ def start_batch_layers(widget: Any) -> None:
 
 
 # -- dataset routing --------------------------------------------------------------------
+def no_routing_reason(widget: Any) -> str | None:
+    """Why the widget's model has no routing to show (no dMoE/MoE layers), or None."""
+    seg = widget.segmenter
+    if seg is None or seg.has_routing:
+        return None
+    return (f"{widget.model_entry.name} has no dMoE/MoE layers, so there is no expert "
+            "routing to show; nothing was run.")
+
+
 def dataset_routing_dialog(widget: Any) -> None:
     if widget.model_entry is None:
         widget._report_error("Choose a model (or Open checkpoint…) first.")
+        return
+    reason = no_routing_reason(widget)
+    if reason:  # before asking for a manifest
+        widget._set_status(reason, "#d08770")
         return
     start = widget.settings.get("last_dir") or str(Path.home())
     data, _ = QFileDialog.getOpenFileName(
@@ -298,18 +323,66 @@ def dataset_routing_dialog(widget: Any) -> None:
     if not data:
         return
     data_path = Path(data) if data.endswith(".csv") else Path(data).parent
-    out = Path(tempfile.mkdtemp(prefix="napari-dmoe-routing-"))
-    start_dataset_routing(widget, data_path, out)
+    start_dataset_routing(widget, data_path, widget.temporary_folders.make("routing"))
+
+
+def confirm_changed_data(widget: Any, change: str, split: str, model: str) -> bool:
+    """Ask whether Dataset routing… may use data other than the model's training data
+    (``change`` says how they differ); No is the default and Escape."""
+    box = QMessageBox(QMessageBox.Icon.Question, "Use changed data?",
+                      f"{change}.\n\nThe '{split}' split is drawn again from these data, so "
+                      f"it may hold cases {model} was trained on, and the routing figure "
+                      "would then mix training cases with unseen ones.\n\nRun Dataset "
+                      "routing on these data anyway?",
+                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, widget)
+    box.setDefaultButton(QMessageBox.StandardButton.No)
+    box.setEscapeButton(QMessageBox.StandardButton.No)
+    return box.exec() == QMessageBox.StandardButton.Yes
+
+
+def accept_routing_data(widget: Any, data: Path, split: str) -> bool | None:
+    """Whether Dataset routing… may run on ``data``: None when not (the model has no
+    dMoE/MoE layers, the data cannot be listed, or the user declined data other than the
+    model's training data; the status line says which), else whether the data differ
+    from the training data (``allow_changed_data``)."""
+    name, seg = widget.model_entry.name, widget.segmenter
+    reason = no_routing_reason(widget)
+    if reason:
+        widget._set_status(reason, "#d08770")
+        return None
+    try:
+        change = _batch.routing_data_change(widget.model_entry.path, data, split,
+                                            seg.metadata if seg is not None else None)
+    except (ValueError, OSError) as exc:
+        widget._report_error(str(exc))
+        return None
+    if change and not confirm_changed_data(widget, change, split, name):
+        widget._set_status(f"Nothing was run: {data} does not hold the data {name} was "
+                           "trained on. Choose its training data, or answer Yes to use "
+                           "these anyway.", "gray")
+        return None
+    return bool(change)
 
 
 def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test") -> None:
     """Run ``training.routing`` into ``out`` in a worker, then show its figure
-    (:func:`show_figure`, kept as ``widget.routing_figure``); a model without dMoE/MoE
-    layers gets no figure, and the status line says there is no routing to show."""
+    (:func:`show_figure`, kept as ``widget.routing_figure``).
+
+    Nothing runs for a model without dMoE/MoE layers (the status line says so), nor for
+    data other than the model's training data unless the user confirms
+    (:func:`confirm_changed_data`). ``out``, when the widget's ``temporary_folders`` made
+    it, is removed when the figure's dialog closes, or at once when there is no figure;
+    any other folder is left as it is."""
     name = widget.model_entry.name
     seg = widget.segmenter
+    folders = widget.temporary_folders
+    allow_changed_data = accept_routing_data(widget, data, split)
+    if allow_changed_data is None:
+        folders.remove(out)
+        return
     one_router = seg is not None and not seg.uses_attribute
     attribute = (seg.attribute_name if seg is not None else None) or "the attribute"
+    shown: list[QDialog] = []
 
     def done(report: Any) -> None:
         if report is None:
@@ -324,10 +397,20 @@ def start_dataset_routing(widget: Any, data: Path, out: Path, split: str = "test
         note = (f"{name} is an attribute-blind MoE: one router for every group, so swapping "
                 f"{attribute} changes no expert; differences between the rows come from the "
                 "images alone." if one_router else "")
+        if folders.owns(out):
+            note = "\n".join(filter(None, [note, "A temporary folder: it is removed when "
+                                                  "this window closes."]))
         widget.routing_figure = show_figure(widget, out / "routing.png", note)
+        widget.routing_figure.finished.connect(lambda _: folders.remove(out))
+        shown.append(widget.routing_figure)
+
+    def finished() -> None:  # no figure (cancelled, failed, no layers): nothing to keep
+        if not shown:
+            folders.remove(out)
 
     _run_job(widget, _batch.dataset_routing, widget.model_entry.path, data, out, split,
-             device=widget.device_combo.currentText() or "auto", done=done, unit="case")
+             device=widget.device_combo.currentText() or "auto", done=done, unit="case",
+             finished=finished, allow_changed_data=allow_changed_data)
 
 
 def show_figure(widget: Any, path: Path, note: str = "") -> QDialog:

@@ -8,13 +8,21 @@
   the files of an earlier run it would replace, so the widget can ask first; the run
   replaces them only with ``overwrite=True`` (otherwise ``predict`` refuses them).
 - :func:`segment_layers`: every open image layer (arrays already in model order).
-- :func:`dataset_routing`: ``training.routing.routing_report`` (JSON + figure).
+- :func:`dataset_routing`: ``training.routing.routing_report`` (JSON + figure);
+  :func:`routing_data_change` says first whether the data differ from the model's training
+  data, so the widget can ask before passing ``allow_changed_data``.
 
 All yield :class:`_tasks.Progress` and stop at the next item when ``cancel`` is set.
+``training`` locks an output folder while it writes into it; a folder another run holds is
+refused with :func:`in_use_message` (before starting: :func:`refuse_folder_in_use`).
+:class:`TemporaryFolders` makes the folders Dataset routing… writes into and removes them,
+and only them.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +50,28 @@ def check_folders(source: Path, out: Path) -> None:
     if out == source or source in out.parents:
         raise ValueError(f"The output folder {out} is inside the input folder {source}; "
                          "choose a folder outside it (outputs never go among the inputs).")
+
+
+def in_use_message(folder: Path, holder: dict[str, Any], lock: Path) -> str:
+    """The refusal of an output folder another run is writing into (``holder``: its lock's
+    JSON, ``training.run_folder.lock_holder``)."""
+    from training.run_folder import describe_holder
+
+    return (f"Nothing was written: {folder} is in use by another run "
+            f"({describe_holder(holder)}). Wait for it to finish, or choose another output "
+            f"folder. If no such run exists, delete {lock}.")
+
+
+def refuse_folder_in_use(out: Path) -> None:
+    """Raise ValueError (:func:`in_use_message`) when another run holds ``out``'s lock."""
+    from ._compat import prepare_torch
+
+    prepare_torch()
+    from training.run_folder import LOCK_NAME, lock_holder
+
+    holder = lock_holder(out)
+    if holder is not None:
+        raise ValueError(in_use_message(Path(out), holder, Path(out) / LOCK_NAME))
 
 
 def is_dataset(source: Path) -> bool:
@@ -101,6 +131,7 @@ def segment_folder(checkpoint: Path, source: Path, out: Path, value: str, *,
     prepare_torch()
     from training.inference import Cancelled, resolve_device
     from training.predict import predict
+    from training.run_folder import FolderInUseError
 
     from ._models import load_segmenter
 
@@ -130,6 +161,8 @@ def segment_folder(checkpoint: Path, source: Path, out: Path, value: str, *,
     except Cancelled as exc:
         return BatchOutput(list(getattr(exc, "rows", [])), cancelled=True,
                            total=getattr(exc, "total", None))
+    except FolderInUseError as exc:
+        raise ValueError(in_use_message(exc.folder, exc.holder, exc.lock)) from None
     return BatchOutput(list(rows), total=len(rows))
 
 
@@ -154,29 +187,83 @@ def segment_layers(segmenter: Any, jobs: Sequence[tuple[Any, Any, int | None, st
     return out
 
 
+def routing_data_change(checkpoint: Path, data: Path, split: str = "test",
+                        metadata: dict[str, Any] | None = None) -> str | None:
+    """Why ``data`` are not the data ``checkpoint`` was trained on (its recorded manifest
+    hash differs), or None: then :func:`dataset_routing` needs ``allow_changed_data``.
+    Always None for the split ``"all"`` (no split is claimed). Reads only the listing.
+
+    Raises:
+        ValueError: the data cannot be listed (the message names the problem).
+    """
+    if split == "all":
+        return None
+    from ._compat import prepare_torch
+
+    prepare_torch()
+    from training.checkpoint import read_header
+    from training.evaluate import data_change
+
+    metadata = metadata if metadata is not None else read_header(checkpoint)[0]
+    return data_change(metadata, checkpoint, data)
+
+
 def dataset_routing(checkpoint: Path, data: Path, out: Path, split: str = "test", *,
                     device: str = "auto", cancel: threading.Event | None = None,
-                    poll: float = 0.05) -> Generator[_tasks.Progress, None, Any]:
+                    poll: float = 0.05, allow_changed_data: bool = False,
+                    ) -> Generator[_tasks.Progress, None, Any]:
     """``training.routing.routing_report`` in a helper thread; None when cancelled.
 
-    Data that differ from the checkpoint's training data (manifest hash) are accepted, as
-    before the CLI checked them: the dialog has no ``--allow-changed-data`` to offer, and the
-    bundled models' training data are not the user's (the figure's ``split`` may then
-    include training cases)."""
+    Data that differ from the checkpoint's training data (:func:`routing_data_change`) are
+    refused (``training.data.DataError``) unless ``allow_changed_data``: the caller asks
+    the user first, since the split may then hold training cases."""
     from ._compat import prepare_torch
 
     prepare_torch()
     from training.inference import Cancelled
     from training.routing import routing_report
+    from training.run_folder import FolderInUseError
 
     cancel = cancel or threading.Event()
 
     def call(progress, should_cancel):
         return routing_report(checkpoint, data, out, split=split, device=device,
                               progress=progress, should_cancel=should_cancel,
-                              allow_changed_data=True)
+                              allow_changed_data=allow_changed_data)
 
     try:
         return (yield from _tasks.run_in_thread(call, cancel, "cases", 1, 1, poll))
     except Cancelled:
         return None
+    except FolderInUseError as exc:
+        raise ValueError(in_use_message(exc.folder, exc.holder, exc.lock)) from None
+
+
+class TemporaryFolders:
+    """Folders the plugin makes for its own outputs (Dataset routing…), removed when they
+    are no longer shown. :meth:`remove` removes only a folder :meth:`make` made, so a
+    folder the user chose is never removed."""
+
+    def __init__(self, prefix: str = "napari-dmoe-") -> None:
+        self.prefix = prefix
+        self._made: set[Path] = set()
+
+    def make(self, purpose: str) -> Path:
+        """A new empty folder ``<tmp>/<prefix><purpose>-XXXXXXXX``."""
+        folder = Path(tempfile.mkdtemp(prefix=f"{self.prefix}{purpose}-"))
+        self._made.add(folder)
+        return folder
+
+    def owns(self, folder: Path) -> bool:
+        return Path(folder) in self._made
+
+    def remove(self, folder: Path) -> None:
+        """Remove ``folder`` and its files if :meth:`make` made it; otherwise nothing."""
+        folder = Path(folder)
+        if folder in self._made:
+            self._made.discard(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def remove_all(self) -> None:
+        for folder in list(self._made):
+            self.remove(folder)

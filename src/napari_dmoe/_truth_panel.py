@@ -155,7 +155,13 @@ class ShutdownMixin:
         return False
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        """Cancel any job and wait for its worker thread to end (called before closing)."""
+        """Cancel any job and wait for its worker thread to end, then remove the widget's
+        temporary output folders (called before closing)."""
+        self._stop_jobs(timeout)
+        if self.worker is None:  # nothing writes into them any more
+            self.temporary_folders.remove_all()
+
+    def _stop_jobs(self, timeout: float) -> None:
         if self.worker is None and self.loader is None:
             return
         self._closing = True

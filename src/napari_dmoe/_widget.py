@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from . import _actions, _tables, _tasks, _view
+from . import _actions, _batch, _tables, _tasks, _view
 from ._models import ModelEntry, available_devices, load_segmenter, model_choices, suggest_model
 from ._reader import META
 from ._settings import load_settings, remember_checkpoint, save_settings
@@ -78,6 +78,7 @@ class DMoEWidget(TruthMixin, ShutdownMixin, QWidget):
         self._truth_choice: dict[str, str] = {}  # image name -> truth layer name ("" = none)
         self._sections: dict[str, str] = {}
         self._scored: dict[str, Any] = {}
+        self.temporary_folders = _batch.TemporaryFolders()  # Dataset routing…'s outputs
         self._rescore_timer = QTimer(self)
         self._rescore_timer.setSingleShot(True)
         self._rescore_timer.setInterval(300)
@@ -592,7 +593,10 @@ class DMoEWidget(TruthMixin, ShutdownMixin, QWidget):
             self._pbar.close()
             self._pbar = None
         self.worker = None
+        finished = self._job.get("finished")
         self._job = {}  # no layers or callbacks kept alive after the job
+        if finished is not None:
+            finished()
         if not self._closing:
             self._set_busy(False)
             for button in (self.run_button, self.compare_button):

@@ -14,12 +14,19 @@ JSON) when it has one, tagged so that it reopens as Labels in the same place.
 
 DICOM-SEG / RTSTRUCT (``.dcm``): only for layers whose image came from a DICOM series
 (``dicom_source`` in the metadata); ``training.data.dicom`` writes them, referencing the
-source series, with the model and the attribute value used (``segmented_as``).
+source series, with the model and the attribute value used (``segmented_as``); an existing
+file is never replaced.
+
+Every writer refuses the file the layer was read from (``source`` in the metadata, also
+through a link) and writes under a temporary name in the same folder, renamed into place
+when complete (``training.checkpoint.atomic_write_bytes``): a write that fails (a full disk)
+leaves an earlier file of that name as it was, and no torn file.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,39 @@ def _check_labels(data: Any, path: Path) -> np.ndarray:
         raise ValueError(f"{path}: labels hold negative values ({labels.min()}); "
                          "masks use 0 for background and 1..K for classes")
     return labels
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _write_atomic(out: Path, attributes: dict[str, Any],
+                  write: Callable[[str], None]) -> list[str]:
+    """``write(temporary path)``, then rename it to ``out`` (module docstring).
+
+    Raises:
+        ValueError: ``out`` is the file the layer was read from; nothing is written.
+        OSError: the write failed (the message names the file, the cause, says the
+            earlier file is unchanged and what to do).
+    """
+    source = ((attributes.get("metadata") or {}).get(META) or {}).get("source")
+    if source and _same_file(Path(source), out):
+        raise ValueError(f"{out} is the file this layer's image was read from; choose "
+                         "another file name (outputs never replace inputs).")
+    from ._compat import prepare_torch
+
+    prepare_torch()
+    from training.checkpoint import CheckpointWriteError, atomic_write_bytes
+
+    try:
+        atomic_write_bytes(out, write, temp_suffix=file_suffix(out))
+    except CheckpointWriteError as exc:  # its advice is for the command line
+        raise OSError(f"{exc.reason}. Free some space or choose another folder (one you "
+                      "can write to), then save again.") from None
+    return [str(out)]
 
 
 def _unit_name(unit: Any) -> str:
@@ -92,8 +132,7 @@ def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list
         img.header.set_xyzt_units(nifti_unit, "sec")
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
-    nib.save(img, str(out))
-    return [str(out)]
+    return _write_atomic(out, attributes, lambda tmp: nib.save(img, tmp))
 
 
 def _affine_from_layer(attributes: dict[str, Any], ndim: int) -> np.ndarray:
@@ -155,9 +194,9 @@ def write_labels_tiff(path: str, data: Any, attributes: dict[str, Any]) -> list[
     layer_affine = _layer_affine(attributes, labels.ndim)
     if layer_affine is not None:  # scanner rotation of 3D layers (_reader.scanner_rotation)
         metadata[TIFF_AFFINE_KEY] = json.dumps(layer_affine.tolist())
-    tifffile.imwrite(str(out), array, imagej=True,
-                     resolution=(1.0 / scale[-1], 1.0 / scale[-2]), metadata=metadata)
-    return [str(out)]
+    return _write_atomic(out, attributes, lambda tmp: tifffile.imwrite(
+        tmp, array, imagej=True, resolution=(1.0 / scale[-1], 1.0 / scale[-2]),
+        metadata=metadata))
 
 
 # -- DICOM ------------------------------------------------------------------------------
@@ -172,6 +211,9 @@ def _dicom_write(kind: str, path: str, data: Any, attributes: dict[str, Any]) ->
     )
 
     out = _with_suffix(path, (".dcm",), ".dcm")
+    if out.exists():
+        raise DicomError(f"{out}: already exists; choose another name or delete it first "
+                         "(napari-dmoe never overwrites a file).")
     labels = _check_labels(data, out)
     metadata = attributes.get("metadata") or {}
     meta = metadata.get(META) or {}
@@ -195,10 +237,14 @@ def _dicom_write(kind: str, path: str, data: Any, attributes: dict[str, Any]) ->
     attribute, value = next(iter(segmented_as.items()), (None, None))
     model = str(meta.get("model") or attributes.get("name") or "napari-dmoe")
     writer = write_dicom_seg if kind == "seg" else write_rtstruct
-    written = writer(array, volume, names, out, algorithm_name=model,
-                     algorithm_version=software_version(), attribute=attribute,
-                     attribute_value=value)
-    return [str(written)]
+
+    def write(tmp: str) -> None:
+        Path(tmp).unlink()  # the DICOM writers refuse an existing file, even this empty one
+        writer(array, volume, names, tmp, algorithm_name=model,
+               algorithm_version=software_version(), attribute=attribute,
+               attribute_value=value)
+
+    return _write_atomic(out, attributes, write)
 
 
 def write_labels_dicom_seg(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:

@@ -169,3 +169,34 @@ def test_earlier_outputs_of_a_dataset_are_its_cases_label_files(ct_data, tmp_pat
     first = training.data.load_cases(ct_data.parent)[0].id
     (out / f"{first}.nii.gz").write_bytes(b"earlier")
     assert _batch.earlier_outputs(ct_data.parent, out) == [out / f"{first}.nii.gz"]
+
+
+def test_temporary_folders_remove_only_the_folders_they_made(tmp_path):
+    folders = _batch.TemporaryFolders()
+    made = folders.make("routing")
+    (made / "routing.json").write_text("{}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "routing.json").write_text("{}")
+    folders.remove(mine)  # a folder the user chose: never removed
+    folders.remove_all()
+    assert not made.exists() and (mine / "routing.json").read_text() == "{}"
+    assert made.name.startswith("napari-dmoe-routing-")
+
+
+def test_a_dataset_run_into_a_locked_folder_is_refused_before_starting(tmp_path):
+    import json
+    import os
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".napari-dmoe.lock").write_text(json.dumps({
+        "pid": os.getppid(), "host": socket.gethostname(), "started": "2026-01-01T09:30",
+        "command": "training.fit", "token": "t"}))
+    with pytest.raises(ValueError, match=(
+            rf"^Nothing was written: {out} is in use by another run \(training.fit, process "
+            rf"{os.getppid()} on .*, started 2026-01-01T09:30\)\. Wait for it to finish, or "
+            r"choose another output folder\. If no such run exists, delete .*\.lock\.$")):
+        _batch.refuse_folder_in_use(out)
+    _batch.refuse_folder_in_use(tmp_path)  # no lock: nothing to say

@@ -257,3 +257,48 @@ def test_2d_tiff_round_trip_keeps_translate(tmp_path):
     (_, kwargs, _), = read_paths(out)
     np.testing.assert_allclose(kwargs["translate"], [-3.0, 40.0])
     np.testing.assert_allclose(kwargs["scale"], [0.5, 0.25])
+
+
+def _failing_write(*args, **kwargs):
+    """A writer (``nibabel.save(image, path)``, ``tifffile.imwrite(path, …)``) that stores
+    half a file, then fails as a full disk does."""
+    import errno
+    from pathlib import Path
+
+    path = next(a for a in args if isinstance(a, str))
+    Path(path).write_bytes(b"half a mask")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(("writer", "name", "library"), [
+    (write_labels_nifti, "mask.nii.gz", "nibabel.save"),
+    (write_labels_tiff, "mask.tif", "tifffile.imwrite"),
+])
+def test_a_save_that_fails_keeps_the_earlier_file(tmp_path, monkeypatch, writer, name,
+                                                  library):
+    earlier = tmp_path / name
+    earlier.write_bytes(b"the earlier mask")
+    monkeypatch.setattr(library, _failing_write)
+    with pytest.raises(OSError, match=f"no space left.*the previous {name} is unchanged. "
+                                      "Free some space or choose another folder") as err:
+        writer(str(earlier), np.ones((4, 5), np.uint8), {})
+    assert "--out" not in str(err.value)  # no command-line advice in the plugin
+    assert earlier.read_bytes() == b"the earlier mask"
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
+@pytest.mark.parametrize("link", [False, True])
+@pytest.mark.parametrize("writer", [write_labels_nifti, write_labels_tiff])
+def test_writers_refuse_the_file_the_layer_was_read_from(tmp_path, writer, link):
+    """Also through napari's File › Save (the npe2 writers), not only the widget's Save…."""
+    suffix = ".nii.gz" if writer is write_labels_nifti else ".tif"
+    source = tmp_path / f"scan{suffix}"
+    source.write_bytes(b"the user's scan")
+    target = source
+    if link:  # another name for the same file
+        target = tmp_path / f"alias{suffix}"
+        target.symlink_to(source)
+    with pytest.raises(ValueError, match="is the file this layer's image was read from"):
+        writer(str(target), np.ones((4, 5), np.uint8),
+               {"metadata": {META: {"source": str(source)}}})
+    assert source.read_bytes() == b"the user's scan"

@@ -100,6 +100,11 @@ def test_truth_chooser_live_dice_region_probability_and_save(make_napari_viewer,
     assert list(_actions.save_formats(limited)) == ["NIfTI (*.nii.gz)", "TIFF (*.tif)"]
     fake_dicom = type("L", (), {"metadata": {META: {"dicom_source": "/x"}}})()
     assert "DICOM-SEG (*.dcm)" in _actions.save_formats(fake_dicom)
+    (tmp_path / "seg.dcm").write_bytes(b"an earlier DICOM-SEG")  # never replaced, not asked
+    with pytest.raises(ValueError, match="DICOM-SEG and RTSTRUCT files are never replaced"):
+        _actions.save_labels(fake_dicom, tmp_path / "seg.dcm", "DICOM-SEG (*.dcm)",
+                             lambda p: pytest.fail("asked"))
+    assert (tmp_path / "seg.dcm").read_bytes() == b"an earlier DICOM-SEG"
     asked = []
     written = _actions.save_labels(limited, tmp_path / "mask", "NIfTI (*.nii.gz)",
                                    lambda p: asked.append(p) or False)
@@ -120,7 +125,7 @@ def test_truth_chooser_live_dice_region_probability_and_save(make_napari_viewer,
     assert source.read_bytes() == b"the user's scan"
 
 
-def _checkpoint(path, moe: str):
+def tiny_checkpoint(path, moe: str, **metadata):
     import torch
 
     from training.checkpoint import save_checkpoint
@@ -137,11 +142,11 @@ def _checkpoint(path, moe: str):
     race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
     save_checkpoint(model, path, class_names=["background", "rim", "cup"], attribute=race,
                     preprocessing=Preprocessing(spatial_dims=2, image_size=(64, 64),
-                                                in_channels=1).to_dict())
+                                                in_channels=1).to_dict(), **metadata)
     return path
 
 
-def _fundus_viewer(make_napari_viewer, qtbot, checkpoint):
+def fundus_viewer(make_napari_viewer, qtbot, checkpoint):
     """A shown 1500x950 viewer with the fundus sample and the plugin's dock on
     ``checkpoint``, model loaded: ``(viewer, widget)``."""
     viewer = make_napari_viewer(show=True)
@@ -155,8 +160,8 @@ def _fundus_viewer(make_napari_viewer, qtbot, checkpoint):
 
 @pytest.mark.parametrize("moe", ["dmoe", "moe"])
 def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_path, moe):
-    ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
-    viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
+    ckpt = tiny_checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
+    viewer, widget = fundus_viewer(make_napari_viewer, qtbot, ckpt)
     widget.routing_check.setChecked(True)
     names = {}
     for value in ("Black", "White"):
@@ -191,7 +196,7 @@ def test_routing_names_and_compare_switch_maps(make_napari_viewer, qtbot, tmp_pa
     shot(viewer, qtbot, f"features_switch_{moe}.png")
 
 
-def _scan_folder(folder, n: int):
+def scan_folder(folder, n: int):
     """``folder`` with ``n`` random grey 48x56 PNGs ``scan0.png``, …"""
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -203,7 +208,7 @@ def _scan_folder(folder, n: int):
 
 def test_batch_folder_and_open_images(open_widget, qtbot, tmp_path):  # noqa: F811
     viewer, widget = open_widget("fundus")
-    source = _scan_folder(tmp_path / "images", 3)
+    source = scan_folder(tmp_path / "images", 3)
     with pytest.raises(ValueError, match="inside the input folder"):
         _batch.check_folders(source, source / "out")
     out = tmp_path / "out"
@@ -229,7 +234,7 @@ def test_batch_asks_before_replacing_an_earlier_runs_files(open_widget, qtbot,  
     from qtpy.QtWidgets import QMessageBox
 
     viewer, widget = open_widget("fundus")
-    source = _scan_folder(tmp_path / "images", 2)
+    source = scan_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     out.mkdir()
     earlier = {"scan0.png": b"earlier mask", "predictions.csv": b"id,attribute_value,file\n",
@@ -300,37 +305,51 @@ def test_dataset_routing_figure_in_a_dialog(open_widget, qtbot, tmp_path):  # no
     dialog.close()
 
 
-@pytest.mark.parametrize("moe", ["none", "moe"])
-def test_dataset_routing_without_dmoe_layers_says_what_there_is(make_napari_viewer, qtbot,
-                                                                 tmp_path, moe):
-    """No MoE layer: training.routing writes no figure, so no dialog opens and the status
-    says there is no routing (never "wrote routing.png"). Attribute-blind MoE: the figure,
-    and the dialog says every row went through one router."""
+def test_dataset_routing_without_moe_layers_says_so_at_once(make_napari_viewer, qtbot,
+                                                            tmp_path, monkeypatch):
+    """No MoE layer: said at once in the status line, before a manifest is asked for or
+    anything runs (no worker, no file, no folder)."""
+    from qtpy.QtWidgets import QFileDialog
+
     from training.data import make_synthetic_dataset
 
     data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
-    ckpt = _checkpoint(tmp_path / f"fundus_{moe}.safetensors", moe)
-    viewer, widget = _fundus_viewer(make_napari_viewer, qtbot, ckpt)
+    ckpt = tiny_checkpoint(tmp_path / "fundus_none.safetensors", "none")
+    viewer, widget = fundus_viewer(make_napari_viewer, qtbot, ckpt)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: 1 / 0)
+    message = ("fundus_none has no dMoE/MoE layers, so there is no expert routing to show; "
+               "nothing was run.")
+    widget.dataset_button.click()  # no manifest is asked for
+    assert widget.worker is None and widget.status.text() == message
+    widget.status.clear()
+    out = tmp_path / "routing"
+    _actions.start_dataset_routing(widget, data, out, split="all")
+    assert widget.worker is None and widget.status.text() == message
+    assert not out.exists() and getattr(widget, "routing_figure", None) is None
+    shot(viewer, qtbot, "routing_no_moe.png")
+
+
+def test_dataset_routing_of_an_attribute_blind_moe_says_one_router(make_napari_viewer, qtbot,
+                                                                   tmp_path):
+    from training.data import make_synthetic_dataset
+
+    data = make_synthetic_dataset("fundus", tmp_path / "data", n=9, seed=2)
+    ckpt = tiny_checkpoint(tmp_path / "fundus_moe.safetensors", "moe")
+    viewer, widget = fundus_viewer(make_napari_viewer, qtbot, ckpt)
     out = tmp_path / "routing"
     _actions.start_dataset_routing(widget, data, out, split="all")
     wait_idle(qtbot, widget)
     qtbot.wait(200)
     shown = [w for w in QApplication.topLevelWidgets() if isinstance(w, QDialog)
              and w.isVisible() and str(out) in w.windowTitle()]
-    text = widget.status.text()
-    if moe == "none":
-        assert sorted(p.name for p in out.iterdir()) == ["routing.json"]
-        assert text == ("fundus_none has no dMoE/MoE layers, so there is no expert routing "
-                        "to show (no figure was made).")
-        assert widget.routing_figure is None and shown == []
-        shot(viewer, qtbot, "routing_no_moe.png")
-    else:
-        assert text == f"Wrote {out / 'routing.json'} and routing.png"
-        assert shown == [widget.routing_figure]
-        caption = " ".join(label.text() for label in shown[0].findChildren(QLabel))
-        assert ("fundus_moe is an attribute-blind MoE: one router for every group, so "
-                "swapping race changes no expert") in caption
-        shown[0].close()
+    assert widget.status.text() == f"Wrote {out / 'routing.json'} and routing.png"
+    assert shown == [widget.routing_figure]
+    caption = " ".join(label.text() for label in shown[0].findChildren(QLabel))
+    assert ("fundus_moe is an attribute-blind MoE: one router for every group, so "
+            "swapping race changes no expert") in caption
+    assert "temporary" not in caption  # a folder the caller chose
+    shown[0].close()
+    assert (out / "routing.png").is_file()  # never removed: not a folder the widget made
 
 
 def test_a_figure_that_cannot_be_read_opens_no_empty_dialog(qtbot, tmp_path):

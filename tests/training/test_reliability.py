@@ -446,6 +446,26 @@ def test_fit_reports_disk_full_and_keeps_the_last_epoch(fundus_src, tmp_path, ca
     assert fit_cli.main([*args, "--epochs", "2", "--resume"]).epochs_run == 2
 
 
+def test_disk_full_while_fit_writes_config_yaml_keeps_the_earlier_one(fundus_src, tmp_path,
+                                                                      capsys, disk_fills):
+    """config.yaml is written atomically like the checkpoints: a resumed fit that cannot
+    write it exits 4 with the earlier file whole (a plain write left it torn)."""
+    from training import fit as fit_cli
+
+    out = tmp_path / "run"
+    args = ["--data", str(fundus_src), "--attribute", "race", "--image-size", "32",
+            "--out", str(out), "--quiet", "--batch-size", "4",
+            "--model-kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}']
+    fit_cli.main([*args, "--epochs", "1"])
+    before = (out / "config.yaml").read_bytes()
+    disk_fills(out / "config.yaml")
+    with pytest.raises(SystemExit) as exc:
+        fit_cli.main([*args, "--epochs", "2", "--resume"])
+    assert exc.value.code == 4
+    assert "cannot write" in capsys.readouterr().err
+    assert (out / "config.yaml").read_bytes() == before and temp_files(out) == []
+
+
 def test_fit_refuses_a_folder_locked_by_a_live_process(fundus_src, tmp_path, capsys):
     import socket
 

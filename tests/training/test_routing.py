@@ -206,10 +206,9 @@ def test_overwrite_with_a_model_without_moe_removes_the_earlier_figure(fundus, t
     assert printed.splitlines()[-1] == f"wrote {out}/routing.json"  # no routing.png claimed
 
 
-def test_changed_data_are_refused_unless_allow_changed_data(fundus, tmp_path, capsys):
-    """As training.evaluate: a checkpoint records its data's manifest hash; data whose hash
-    differs are refused for a split other than all (exit 2, nothing written) unless
-    --allow-changed-data; the training data themselves are accepted."""
+def _trained_on(fundus, tmp_path):
+    """A checkpoint recording ``fundus``'s manifest hash, and a copy of the manifest with
+    two cases fewer: ``(checkpoint, number of cases, changed manifest)``."""
     from training.data import assign_splits, combine_attributes, load_cases
     from training.fitting.preparation import manifest_hash
 
@@ -220,6 +219,14 @@ def test_changed_data_are_refused_unless_allow_changed_data(fundus, tmp_path, ca
     lines = fundus.read_text().splitlines()
     changed = fundus.with_name("changed.csv")  # two training cases fewer
     changed.write_text("\n".join(lines[:-2]) + "\n")
+    return ckpt, len(cases), changed
+
+
+def test_changed_data_are_refused_unless_allow_changed_data(fundus, tmp_path, capsys):
+    """As training.evaluate: a checkpoint records its data's manifest hash; data whose hash
+    differs are refused for a split other than all (exit 2, nothing written) unless
+    --allow-changed-data; the training data themselves are accepted."""
+    ckpt, n, changed = _trained_on(fundus, tmp_path)
 
     def run(data, out, *extra):
         return routing_cli.main(["--checkpoint", str(ckpt), "--data", str(data),
@@ -230,7 +237,35 @@ def test_changed_data_are_refused_unless_allow_changed_data(fundus, tmp_path, ca
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "these data are not the data" in err and "--allow-changed-data" in err
-    assert f"{len(cases) - 2} cases" in err and f"{len(cases)} cases" in err
+    assert f"{n - 2} cases" in err and f"{n} cases" in err
     assert not (tmp_path / "refused").exists()
     assert run(changed, "allowed", "--allow-changed-data").stats["layers"]
     assert run(fundus, "same").stats["layers"]
+
+
+def test_data_change_says_why_without_running_anything(fundus, tmp_path, monkeypatch):
+    """training.evaluate.data_change, for a caller that asks before allow_changed_data:
+    the refusal's sentence for changed data, None for the training data and for a
+    checkpoint that recorded no data hash; no image is read."""
+    from training.checkpoint import read_header
+    from training.evaluate import data_change
+
+    ckpt, n, changed = _trained_on(fundus, tmp_path)
+    metadata = read_header(ckpt)[0]
+    monkeypatch.setattr("training.data.read_image", lambda *a, **k: 1 / 0)
+    assert data_change(metadata, ckpt, fundus) is None
+    text = data_change(metadata, ckpt, changed)
+    assert text.startswith(f"{changed}: these data are not the data {ckpt} was trained on "
+                           "(manifest hash ")
+    assert f", {n - 2} cases; the checkpoint's " in text and f", {n} cases)" in text
+    assert text.endswith("Cases, files, splits or attributes changed")
+    plain = _checkpoint(tmp_path / "plain.safetensors", "dmoe")  # no hash recorded
+    assert data_change(read_header(plain)[0], plain, changed) is None
+
+
+@pytest.mark.parametrize(("moe", "expected"), [("none", False), ("moe", True), ("dmoe", True)])
+def test_has_routing_tells_a_model_with_moe_layers(tmp_path, moe, expected):
+    from training.inference import Segmenter
+
+    seg = Segmenter.from_checkpoint(_checkpoint(tmp_path / "m.safetensors", moe), "cpu")
+    assert seg.has_routing is expected

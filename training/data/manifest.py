@@ -8,6 +8,7 @@ relative to the manifest's folder (absolute paths are kept as they are).
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -81,14 +82,16 @@ def write_manifest(path: str | Path, rows: Iterable[Mapping[str, str]],
 
     ``rows`` map column names to strings; paths should already be relative to the
     manifest's folder. Output is deterministic (fixed column order, ``\\n`` line ends).
+    Written under a temporary name and renamed when complete
+    (``training.checkpoint.atomic_write_text``): an earlier manifest is replaced whole or
+    not at all.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from training.checkpoint import atomic_write_text
+
     columns = [*RESERVED_COLUMNS, *attributes]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n",
-                                extrasaction="raise")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    return path
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="raise")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    return atomic_write_text(path, text.getvalue(), newline="")

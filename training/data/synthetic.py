@@ -6,6 +6,13 @@
 preprocessing). Splits are 80/10/10, stratified by attribute, and every group appears in
 train, val and test. Files are byte-identical for a given (kind, n, seed).
 
+An ``out`` that already holds a dataset (``manifest.csv``, ``dataset.json``, or case files
+``images/<kind>_*``, ``labels/<kind>_*``) is refused, naming them, unless ``overwrite``; even
+then a ``manifest.csv`` without training.synth's ``dataset.json`` (the user's own dataset)
+is never replaced. Every file is written under a temporary name and renamed when complete
+(``training.checkpoint.atomic_write_bytes``), ``manifest.csv`` last: a folder without it
+is an unfinished dataset.
+
 Design. Each structure is a smooth blob whose visible edge is a wide soft ramp of the
 normalised radius ``rho`` (1 = middle of the ramp). The *majority* group's annotators
 contour at ``rho = 1``; rare groups' annotators use a systematically different threshold
@@ -41,11 +48,12 @@ intersectional (fundus images; columns ``race`` and ``gender``; routing attribut
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from training.data.io import write_label
+from training.data.io import file_suffix, write_label
 from training.data.manifest import write_manifest
 from training.data.synthetic_images import draw_ct, draw_fundus, draw_skin
 
@@ -113,6 +121,8 @@ SUGGESTED = {
 }
 SUGGESTED["intersectional"] = SUGGESTED["fundus"]
 _KIND_CODE = {"fundus": 1, "skin": 2, "ct": 3, "intersectional": 4}
+_SUFFIXES = {"fundus": (".png", ".png"), "intersectional": (".png", ".png"),
+             "skin": (".jpg", ".png"), "ct": (".nii.gz", ".nii.gz")}  # (image, label)
 
 
 def ct_affine() -> np.ndarray:
@@ -160,61 +170,141 @@ def _assign(kind: str, n: int, seed: int) -> tuple[list[str], list[str]]:
     return groups, splits
 
 
+def _case_files(kind: str, case_id: str) -> tuple[str, str]:
+    """``(image, label)`` paths of a case, relative to the dataset folder."""
+    image, label = _SUFFIXES[kind]
+    return f"images/{case_id}{image}", f"labels/{case_id}{label}"
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """``write(temporary path)``, then rename into ``path`` (the temporary file keeps the
+    suffix, from which the writers pick the format)."""
+    from training.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, write, temp_suffix=file_suffix(path))
+
+
 def _write_case(kind: str, rng: np.random.Generator, group: str, out: Path, case_id: str
                 ) -> tuple[str, str]:
     from PIL import Image
 
     _, look, cut = GROUPS[kind][group]
+    image_rel, label_rel = _case_files(kind, case_id)
+    meta = None
     if kind in ("fundus", "intersectional"):
         image, label = draw_fundus(rng, look, cut, FUNDUS_SIZE)
-        image_rel, label_rel = f"images/{case_id}.png", f"labels/{case_id}.png"
-        Image.fromarray(image, mode="L").save(out / image_rel)
-        write_label(out / label_rel, label)
+        _write_atomic(out / image_rel, Image.fromarray(image, mode="L").save)
     elif kind == "skin":
         image, label = draw_skin(rng, look, cut, *SKIN_SIZE)
-        image_rel, label_rel = f"images/{case_id}.jpg", f"labels/{case_id}.png"
-        Image.fromarray(image, mode="RGB").save(out / image_rel, quality=92)
-        write_label(out / label_rel, label)
+        photo = Image.fromarray(image, mode="RGB")
+        _write_atomic(out / image_rel, lambda tmp: photo.save(tmp, quality=92))
     else:
         import nibabel as nib
 
         volume, label = draw_ct(rng, look, cut, CT_SHAPE, CT_SPACING)
-        image_rel, label_rel = f"images/{case_id}.nii.gz", f"labels/{case_id}.nii.gz"
         img = nib.Nifti1Image(volume, ct_affine())
         img.header.set_xyzt_units("mm", "sec")
         img.set_qform(ct_affine(), code=1)
         img.set_sform(ct_affine(), code=1)
-        nib.save(img, str(out / image_rel))
-        write_label(out / label_rel, label, {"affine": ct_affine(),
-                                             "nifti_header": bytes(img.header.binaryblock)})
+        _write_atomic(out / image_rel, lambda tmp: nib.save(img, tmp))
+        meta = {"affine": ct_affine(), "nifti_header": bytes(img.header.binaryblock)}
+    _write_atomic(out / label_rel, lambda tmp: write_label(tmp, label, meta))
     return image_rel, label_rel
 
 
+def _is_synthetic(out: Path) -> bool:
+    """Whether ``out/dataset.json`` is one this module wrote."""
+    try:
+        info = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("kind") in KINDS and "policies" in info
+
+
+def _earlier_files(out: Path, kinds: set[str]) -> list[Path]:
+    """``manifest.csv``, ``dataset.json`` and the case files of ``kinds`` in ``out``."""
+    found = [out / name for name in ("manifest.csv", "dataset.json") if (out / name).exists()]
+    for sub in ("images", "labels"):
+        if (out / sub).is_dir():
+            found += sorted(p for k in kinds for p in (out / sub).glob(f"{k}_*"))
+    return found
+
+
+def _clear_earlier_dataset(kind: str, out: Path, overwrite: bool) -> None:
+    """Refuse, or with ``overwrite`` delete, an earlier dataset in ``out`` (module
+    docstring); the manifest goes first, so an interrupted replacement leaves no manifest
+    that lists the new files as the old dataset.
+
+    Raises:
+        ValueError: ``out`` is a file, or holds a dataset and not ``overwrite``, or holds a
+            manifest training.synth did not write.
+    """
+    from training.run_folder import refuse_earlier_outputs
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder")
+    synthetic = _is_synthetic(out)
+    if (out / "manifest.csv").exists() and not synthetic:
+        raise ValueError(f"{out} holds a dataset training.synth did not write (manifest.csv "
+                         "without training.synth's dataset.json); nothing was changed. "
+                         "Choose another --out (--overwrite replaces only a synthetic "
+                         "dataset).")
+    kinds = {kind}
+    if synthetic:  # the earlier dataset's own kind too
+        kinds.add(json.loads((out / "dataset.json").read_text(encoding="utf-8"))["kind"])
+    earlier = _earlier_files(out, kinds)
+    if not overwrite:
+        refuse_earlier_outputs(earlier, out)
+    for path in earlier:
+        path.unlink()
+
+
+def _case_id(kind: str, index: int) -> str:
+    return f"{kind}_{index:04d}"
+
+
+def _remove_killed_writes(kind: str, out: Path, n: int) -> None:
+    """Delete the temporary files that killed writes of this dataset's file names left
+    (``training.run_folder.remove_temp_files``); other files are never touched."""
+    from training.run_folder import remove_temp_files
+
+    cases = [_case_files(kind, _case_id(kind, i)) for i in range(n)]
+    for sub, position in (("images", 0), ("labels", 1)):
+        names = [Path(files[position]).name for files in cases]
+        remove_temp_files(out / sub, {name: file_suffix(name) for name in names}, log=None)
+    remove_temp_files(out, {"dataset.json": ".tmp", "manifest.csv": ".tmp"}, log=None)
+
+
 def make_synthetic_dataset(kind: str, out: str | Path, n: int | None = None, seed: int = 0,
-                           progress=None) -> Path:
+                           progress=None, overwrite: bool = False) -> Path:
     """Write a synthetic dataset (see module docstring) and return its ``manifest.csv``.
 
     Args:
         kind: ``"fundus"``, ``"skin"``, ``"ct"`` or ``"intersectional"`` (fundus images
             with columns ``race`` and ``gender``; train with ``--attribute race,gender``).
-        out: output folder (created; earlier synthetic files of this kind are replaced).
+        out: output folder (created).
         n: number of cases (default 400 for fundus/skin, 60 for ct).
         seed: same seed, same bytes.
         progress: optional ``progress(done, total)`` callback.
+        overwrite: replace an earlier synthetic dataset in ``out`` (its manifest,
+            ``dataset.json`` and case files are deleted first); other files stay.
+
+    Raises:
+        ValueError: bad ``kind`` or ``n``; ``out`` holds a dataset and not ``overwrite``
+            (``training.run_folder.RunFolderError``, naming the files), or a manifest
+            training.synth did not write. Nothing is changed then.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     n = DEFAULT_N[kind] if n is None else int(n)
     out = Path(out)
     groups, splits = _assign(kind, n, seed)
-    for sub in ("images", "labels"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for stale in (out / sub).glob(f"{kind}_*"):
-            stale.unlink()
+    _clear_earlier_dataset(kind, out, overwrite)
+    _remove_killed_writes(kind, out, n)
     attribute = ATTRIBUTE[kind]
     rows = []
     for i, (group, split) in enumerate(zip(groups, splits, strict=True)):
-        case_id = f"{kind}_{i:04d}"
+        case_id = _case_id(kind, i)
         rng = np.random.default_rng([seed, _KIND_CODE[kind], i + 1])
         image_rel, label_rel = _write_case(kind, rng, group, out, case_id)
         rows.append({"image": image_rel, "label": label_rel, "split": split, "id": case_id,
@@ -227,5 +317,7 @@ def make_synthetic_dataset(kind: str, out: str | Path, n: int | None = None, see
         "policies": {g: cut for g, (_, _, cut) in GROUPS[kind].items()},
         "preprocessing": SUGGESTED[kind],
     }
-    (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    from training.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
     return write_manifest(out / "manifest.csv", rows, attributes=attribute.split(","))
