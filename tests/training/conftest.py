@@ -1,5 +1,5 @@
 """Fixtures for the training tests: a disk that fills up in the middle of a write; a CLI
-run refused because its ``--out`` holds an earlier run."""
+run refused because its ``--out`` holds an earlier run; a tiny fundus dMoE checkpoint."""
 
 from __future__ import annotations
 
@@ -82,3 +82,24 @@ def refused_before_loading(monkeypatch, capsys):
         assert info.value.code == 2
         return capsys.readouterr().err
     return run
+
+
+@pytest.fixture(scope="module")
+def fundus_checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained 2D dMoE (TransUNet, 32 px, one block) saved as a checkpoint with
+    the race attribute (Asian, Black, White) and classes background, rim, cup."""
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.data import Preprocessing
+    from training.networks import create_model
+
+    torch.manual_seed(0)
+    model = create_model("transunet", preset="tiny", in_channels=1, out_channels=3,
+                         moe="dmoe", num_attributes=3, img_size=32, depth=1)
+    race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
+    path = tmp_path_factory.mktemp("ckpt") / "fundus.safetensors"
+    save_checkpoint(model, path, class_names=["background", "rim", "cup"], attribute=race,
+                    preprocessing=Preprocessing(spatial_dims=2, image_size=(32, 32),
+                                                in_channels=1).to_dict())
+    return path

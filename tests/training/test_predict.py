@@ -26,21 +26,6 @@ def _save(path, model, class_names, attribute, preprocessing):
 
 
 @pytest.fixture(scope="module")
-def fundus_ckpt(tmp_path_factory):
-    import torch
-
-    from training.networks import create_model
-
-    torch.manual_seed(0)
-    model = create_model("transunet", preset="tiny", in_channels=1, out_channels=3,
-                         moe="dmoe", num_attributes=3, img_size=32, depth=1)
-    race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
-    return _save(tmp_path_factory.mktemp("ckpt") / "fundus.safetensors", model,
-                 ["background", "rim", "cup"], race,
-                 dict(spatial_dims=2, image_size=(32, 32), in_channels=1))
-
-
-@pytest.fixture(scope="module")
 def ct_ckpt(tmp_path_factory):
     import torch
 
@@ -74,25 +59,25 @@ def csv_rows(out):
     return list(csv.DictReader(open(out / "predictions.csv")))
 
 
-def test_given_segmenter_is_used_without_loading_the_checkpoint(fundus_ckpt, fundus_data,
+def test_given_segmenter_is_used_without_loading_the_checkpoint(fundus_checkpoint, fundus_data,
                                                                tmp_path, no_second_load):
     from training.checkpoint import load_checkpoint
 
-    model, meta = load_checkpoint(fundus_ckpt, device="cpu")
+    model, meta = load_checkpoint(fundus_checkpoint, device="cpu")
     seg = Segmenter(model, meta, device="cpu")
     done = []
-    rows = predict(fundus_ckpt, tmp_path, data=fundus_data, split="all", segmenter=seg,
+    rows = predict(fundus_checkpoint, tmp_path, data=fundus_data, split="all", segmenter=seg,
                    progress=lambda d, t: done.append((d, t)))
     assert len(rows) == 9 and done[-1] == (9, 9)
     assert [r["id"] for r in csv_rows(tmp_path)] == [r["id"] for r in rows]
     assert all((tmp_path / r["file"]).is_file() for r in rows)
 
 
-def test_cancel_after_case_2_keeps_exactly_the_finished_files(fundus_ckpt, fundus_data,
+def test_cancel_after_case_2_keeps_exactly_the_finished_files(fundus_checkpoint, fundus_data,
                                                              tmp_path):
     done = []
     with pytest.raises(Cancelled) as info:
-        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all",
+        predict(fundus_checkpoint, tmp_path, data=fundus_data, split="all",
                 progress=lambda d, t: done.append(d), should_cancel=lambda: len(done) >= 2)
     exc = info.value
     assert len(exc.rows) == 2 and exc.total == 9 and exc.out == tmp_path
@@ -132,7 +117,7 @@ def test_cancel_inside_a_3d_case_writes_no_label_file(ct_ckpt, tmp_path):
     assert "windows" in str(info.value.__cause__)
 
 
-def test_a_write_that_fails_halfway_leaves_no_partial_file(fundus_ckpt, fundus_data,
+def test_a_write_that_fails_halfway_leaves_no_partial_file(fundus_checkpoint, fundus_data,
                                                            tmp_path, monkeypatch):
     import training.data
 
@@ -148,26 +133,26 @@ def test_a_write_that_fails_halfway_leaves_no_partial_file(fundus_ckpt, fundus_d
 
     monkeypatch.setattr(training.data, "write_label", flaky)
     with pytest.raises(OSError, match="disk full"):
-        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
+        predict(fundus_checkpoint, tmp_path, data=fundus_data, split="all")
     listed = [r["file"] for r in csv_rows(tmp_path)]
     assert len(listed) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*listed, "predictions.csv"])
 
 
-def test_several_images_in_one_call_and_clashing_ids_refused(fundus_ckpt, tmp_path):
+def test_several_images_in_one_call_and_clashing_ids_refused(fundus_checkpoint, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png", "c.tif"):
         img = (rng.random((40, 48)) * 255).astype(np.uint8)
         PILImage.fromarray(img).save(src / name)
-    rows = predict(fundus_ckpt, tmp_path / "out", image=[src / "a.png", src / "b.png"],
+    rows = predict(fundus_checkpoint, tmp_path / "out", image=[src / "a.png", src / "b.png"],
                    attribute_value="Black")
     assert [(r["id"], r["attribute_value"]) for r in rows] == [("a", "Black"), ("b", "Black")]
     assert [r["file"] for r in csv_rows(tmp_path / "out")] == ["a.png", "b.png"]
     (src / "c.tif").rename(src / "a.tif")
     with pytest.raises(ValueError, match="both be written as a"):
-        predict(fundus_ckpt, tmp_path / "out2", image=[src / "a.png", src / "a.tif"])
+        predict(fundus_checkpoint, tmp_path / "out2", image=[src / "a.png", src / "a.tif"])
     assert not (tmp_path / "out2").exists()
 
 
@@ -199,13 +184,13 @@ def test_a_dicom_series_gets_its_dicom_output_written_in_place(ct_ckpt, tmp_path
     assert modality == ("SEG" if output_format is None else "RTSTRUCT")
 
 
-def test_a_run_that_fails_first_keeps_the_earlier_listing(fundus_ckpt, fundus_data, tmp_path,
+def test_a_run_that_fails_first_keeps_the_earlier_listing(fundus_checkpoint, fundus_data, tmp_path,
                                                           monkeypatch):
     """A run (with overwrite) into a folder that holds an earlier run's predictions.csv and
     fails before its first file does not replace that listing with an empty one."""
     import training.data
 
-    predict(fundus_ckpt, tmp_path, data=fundus_data, split="all")
+    predict(fundus_checkpoint, tmp_path, data=fundus_data, split="all")
     before = (tmp_path / "predictions.csv").read_bytes()
     assert len(csv_rows(tmp_path)) > 0
 
@@ -214,7 +199,7 @@ def test_a_run_that_fails_first_keeps_the_earlier_listing(fundus_ckpt, fundus_da
 
     monkeypatch.setattr(training.data, "write_label", broken)
     with pytest.raises(OSError, match="disk full"):
-        predict(fundus_ckpt, tmp_path, data=fundus_data, split="all", overwrite=True)
+        predict(fundus_checkpoint, tmp_path, data=fundus_data, split="all", overwrite=True)
     assert (tmp_path / "predictions.csv").read_bytes() == before
 
 
@@ -239,19 +224,19 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_an_earlier_runs_files_are_replaced_only_with_overwrite(fundus_ckpt, tmp_path,
+def test_an_earlier_runs_files_are_replaced_only_with_overwrite(fundus_checkpoint, tmp_path,
                                                                 monkeypatch):
     import os
 
     images = png_images(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "out"
-    predict(fundus_ckpt, out, image=images, attribute_value="Black")
+    predict(fundus_checkpoint, out, image=images, attribute_value="Black")
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
     with monkeypatch.context() as m:  # refused before the checkpoint is loaded
         m.setattr(Segmenter, "from_checkpoint", classmethod(lambda *a, **k: 1 / 0))
         with pytest.raises(ValueError) as info:
-            predict(fundus_ckpt, out, image=images, attribute_value="White")
+            predict(fundus_checkpoint, out, image=images, attribute_value="White")
     message = str(info.value)
     print(message)
     assert f"{out} already holds 3 file(s) from an earlier run" in message
@@ -259,7 +244,7 @@ def test_an_earlier_runs_files_are_replaced_only_with_overwrite(fundus_ckpt, tmp
     assert "--overwrite" in message and "another --out" in message
     assert snapshot(out) == before  # bytes equal, nothing added
     inode = os.stat(out / "a.png").st_ino
-    rows = predict(fundus_ckpt, out, image=images, attribute_value="White", overwrite=True)
+    rows = predict(fundus_checkpoint, out, image=images, attribute_value="White", overwrite=True)
     assert [r["attribute_value"] for r in csv_rows(out)] == ["White", "White"] == [
         r["attribute_value"] for r in rows]
     assert os.stat(out / "a.png").st_ino != inode  # a new file, renamed into place
@@ -268,7 +253,7 @@ def test_an_earlier_runs_files_are_replaced_only_with_overwrite(fundus_ckpt, tmp
                                                      "predictions.csv"]
 
 
-def test_a_run_removes_the_temporary_files_of_its_own_outputs_only(fundus_ckpt, tmp_path):
+def test_a_run_removes_the_temporary_files_of_its_own_outputs_only(fundus_checkpoint, tmp_path):
     """Temporary files a killed run left for this run's names (a label file's ends in its
     own suffix) are kept by a refused run and deleted, named in one log line, by the next
     run that writes; another case's and other names' stay."""
@@ -282,10 +267,10 @@ def test_a_run_removes_the_temporary_files_of_its_own_outputs_only(fundus_ckpt, 
         (out / name).write_bytes(data)
     before = snapshot(out)
     with pytest.raises(ValueError, match="from an earlier run"):
-        predict(fundus_ckpt, out, image=images)
+        predict(fundus_checkpoint, out, image=images)
     assert snapshot(out) == before
     lines = []
-    predict(fundus_ckpt, out, image=images, overwrite=True, log=lines.append)
+    predict(fundus_checkpoint, out, image=images, overwrite=True, log=lines.append)
     assert ("removed 2 temporary file(s) left by killed writes: .a.png.abcdef12.png, "
             ".predictions.csv.0123abcd.tmp") in lines
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -293,22 +278,22 @@ def test_a_run_removes_the_temporary_files_of_its_own_outputs_only(fundus_ckpt, 
     assert {n: (out / n).read_bytes() for n in others} == others
 
 
-def test_new_cases_into_a_folder_with_an_earlier_listing_are_refused(fundus_ckpt, tmp_path):
+def test_new_cases_into_a_folder_with_an_earlier_listing_are_refused(fundus_checkpoint, tmp_path):
     """The earlier predictions.csv would be replaced (and stop listing a.png): refused."""
     a, c = png_images(tmp_path / "in", ["a.png", "c.png"])
     out = tmp_path / "out"
-    predict(fundus_ckpt, out, image=a)
+    predict(fundus_checkpoint, out, image=a)
     before = snapshot(out)
     with pytest.raises(ValueError, match=r"1 file\(s\) from an earlier run .*: "
                                          r"predictions\.csv\. .*--overwrite"):
-        predict(fundus_ckpt, out, image=c)
+        predict(fundus_checkpoint, out, image=c)
     assert snapshot(out) == before  # no c.png either
-    predict(fundus_ckpt, out, image=c, overwrite=True)
+    predict(fundus_checkpoint, out, image=c, overwrite=True)
     assert [r["file"] for r in csv_rows(out)] == ["c.png"]
     assert (out / "a.png").read_bytes() == before["a.png"]  # not this run's: untouched
 
 
-def test_existing_outputs_lists_what_a_run_would_replace(fundus_ckpt, tmp_path):
+def test_existing_outputs_lists_what_a_run_would_replace(fundus_checkpoint, tmp_path):
     from training.predict import existing_outputs, image_cases
 
     images = png_images(tmp_path / "in", ["a.png", "b.tif", "c.png"])
@@ -325,11 +310,11 @@ def test_existing_outputs_lists_what_a_run_would_replace(fundus_ckpt, tmp_path):
 
 
 def test_the_cli_refuses_a_dataset_run_into_an_earlier_one_with_exit_2(
-        fundus_ckpt, fundus_data, tmp_path, capsys):
+        fundus_checkpoint, fundus_data, tmp_path, capsys):
     from training import predict as predict_cli
 
     out = tmp_path / "out"
-    argv = ["--checkpoint", str(fundus_ckpt), "--data", str(fundus_data), "--split", "all",
+    argv = ["--checkpoint", str(fundus_checkpoint), "--data", str(fundus_data), "--split", "all",
             "--out", str(out)]
     predict_cli.main(argv)
     before = snapshot(out)

@@ -38,25 +38,6 @@ def fundus(tmp_path_factory):
     return make_synthetic_dataset("fundus", tmp_path_factory.mktemp("fundus"), n=9, seed=4)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import torch
-
-    from training.checkpoint import save_checkpoint
-    from training.data import Preprocessing
-    from training.networks import create_model
-
-    torch.manual_seed(0)
-    model = create_model("transunet", preset="tiny", in_channels=1, out_channels=3,
-                         moe="dmoe", num_attributes=3, img_size=32, depth=1)
-    race = {"name": "race", "vocabulary": ["Asian", "Black", "White"], "unknown_router": True}
-    path = tmp_path_factory.mktemp("ckpt") / "fundus.safetensors"
-    save_checkpoint(model, path, class_names=["background", "rim", "cup"], attribute=race,
-                    preprocessing=Preprocessing(spatial_dims=2, image_size=(32, 32),
-                                                in_channels=1).to_dict())
-    return path
-
-
 def _argv(checkpoint: Path, data: Path, out: Path) -> list[str]:
     return ["--checkpoint", str(checkpoint), "--data", str(data), "--split", "all",
             "--out", str(out), "--device", "cpu"]
@@ -112,7 +93,7 @@ def test_a_file_is_refused_as_a_folder(tmp_path):
 
 # -- held by the CLIs --------------------------------------------------------------------
 @pytest.mark.parametrize("cli", CLIS)
-def test_a_run_into_a_folder_another_run_is_writing_is_refused(cli, checkpoint, fundus,
+def test_a_run_into_a_folder_another_run_is_writing_is_refused(cli, fundus_checkpoint, fundus,
                                                                 tmp_path, capsys):
     main, first = CLIS[cli]
     out = tmp_path / "out"
@@ -120,7 +101,7 @@ def test_a_run_into_a_folder_another_run_is_writing_is_refused(cli, checkpoint, 
     theirs = out / f".{first}.abcd1234.tmp"  # the other run's write in progress
     theirs.write_bytes(b"half")
     with pytest.raises(SystemExit) as exc:
-        main(_argv(checkpoint, fundus, out))
+        main(_argv(fundus_checkpoint, fundus, out))
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert (f"{out} is in use by another run (training.predict, process {os.getppid()} on "
@@ -133,13 +114,13 @@ def test_a_run_into_a_folder_another_run_is_writing_is_refused(cli, checkpoint, 
 
 
 @pytest.mark.parametrize("cli", CLIS)
-def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(cli, checkpoint, fundus,
+def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(cli, fundus_checkpoint, fundus,
                                                              tmp_path, capsys):
     main, first = CLIS[cli]
     out = tmp_path / "out"
     dead = _dead_pid()
     _write_lock(out, dead)
-    main(_argv(checkpoint, fundus, out))
+    main(_argv(fundus_checkpoint, fundus, out))
     printed = capsys.readouterr().out
     assert (f"{out}: took over the stale lock of process {dead} on {socket.gethostname()} "
             "(that run was killed)") in printed
@@ -147,7 +128,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(cli, checkpoint, fun
 
 
 @pytest.mark.parametrize("cli", CLIS)
-def test_the_lock_is_held_while_every_output_is_written(cli, checkpoint, fundus, tmp_path,
+def test_the_lock_is_held_while_every_output_is_written(cli, fundus_checkpoint, fundus, tmp_path,
                                                         monkeypatch):
     main, first = CLIS[cli]
     out = tmp_path / "out"
@@ -159,7 +140,7 @@ def test_the_lock_is_held_while_every_output_is_written(cli, checkpoint, fundus,
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    main(_argv(checkpoint, fundus, out))
+    main(_argv(fundus_checkpoint, fundus, out))
     assert first in seen
     for name, lock in seen.items():
         assert lock is not None, f"{name} was written without the lock"
@@ -167,8 +148,8 @@ def test_the_lock_is_held_while_every_output_is_written(cli, checkpoint, fundus,
     assert not (out / LOCK_NAME).exists()
 
 
-def test_compare_holds_the_lock_too(checkpoint, fundus, tmp_path, capsys):
-    evaluate_cli.main(_argv(checkpoint, fundus, tmp_path / "ev"))
+def test_compare_holds_the_lock_too(fundus_checkpoint, fundus, tmp_path, capsys):
+    evaluate_cli.main(_argv(fundus_checkpoint, fundus, tmp_path / "ev"))
     out = tmp_path / "cmp"
     _write_lock(out, os.getppid(), command="training.evaluate")
     with pytest.raises(SystemExit) as exc:
