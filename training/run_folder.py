@@ -129,15 +129,19 @@ def lock_holder(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 class FolderLock:
-    """This process's lock on one folder (:func:`lock_folder`); a context manager.
+    """This process's lock on one folder (:func:`lock_folder`); a context manager. Leaving
+    it on an exception also removes the folder if locking created it and nothing else was
+    written there (a failed run leaves no empty ``--out`` behind; a folder the user made
+    stays).
 
     Attributes:
         folder: the locked folder.
         notes: one line per thing done on locking (a stale lock taken over), for the log.
+        created: locking created ``folder``.
     """
 
-    def __init__(self, folder: Path, token: str, notes: list[str]) -> None:
-        self.folder, self.token, self.notes = folder, token, notes
+    def __init__(self, folder: Path, token: str, notes: list[str], created: bool = False) -> None:
+        self.folder, self.token, self.notes, self.created = folder, token, notes, created
 
     @property
     def path(self) -> Path:
@@ -155,8 +159,13 @@ class FolderLock:
     def __enter__(self) -> FolderLock:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.release()
+        if exc_type is not None and self.created:
+            try:
+                self.folder.rmdir()  # only if empty: never a file of anyone's
+            except OSError:
+                pass
 
 
 def lock_folder(folder: str | os.PathLike, command: str, *,
@@ -174,6 +183,7 @@ def lock_folder(folder: str | os.PathLike, command: str, *,
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} is a file, not a folder; choose a folder")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(8)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
@@ -189,7 +199,7 @@ def lock_folder(folder: str | os.PathLike, command: str, *,
                 _HELD.add(token)
                 for note in notes if log is not None else ():
                     log(f"{folder}: {note}")
-                return FolderLock(folder, token, notes)
+                return FolderLock(folder, token, notes, created)
             except FileExistsError:
                 held = read_lock(lock)
                 if not lock_is_stale(held):

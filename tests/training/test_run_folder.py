@@ -91,6 +91,41 @@ def test_a_file_is_refused_as_a_folder(tmp_path):
     assert (tmp_path / "out").read_text() == "mine"
 
 
+def test_a_failed_run_removes_only_the_empty_folder_its_lock_created(tmp_path):
+    for name, make, write, fail in [("new", False, False, True), ("mine", True, False, True),
+                                    ("wrote", False, True, True), ("done", False, False, False)]:
+        folder = tmp_path / name
+        if make:
+            folder.mkdir()
+        try:
+            with lock_folder(folder, "training.evaluate"):
+                if write:
+                    (folder / "metrics.json").write_text("{}")
+                if fail:
+                    raise RuntimeError("the run failed")
+        except RuntimeError:
+            pass
+        assert folder.is_dir() == (name != "new"), name  # only the empty one it made goes
+        assert not (folder / LOCK_NAME).exists()
+    assert (tmp_path / "wrote" / "metrics.json").read_text() == "{}"
+
+
+def test_an_evaluate_that_fails_leaves_no_empty_out(fundus_checkpoint, fundus, tmp_path,
+                                                    monkeypatch):
+    """It locks (and so creates) --out before decoding any case; a case that cannot be
+    read then fails the run, which must not leave an empty folder behind."""
+    import training.data as data_module
+
+    def unreadable(*args, **kwargs):
+        raise OSError("unreadable case")
+
+    monkeypatch.setattr(data_module, "read_case", unreadable)
+    out = tmp_path / "ev"
+    with pytest.raises(OSError, match="unreadable case"):
+        evaluate_cli.evaluate(fundus_checkpoint, fundus, out, split="all", device="cpu")
+    assert not out.exists()
+
+
 # -- held by the CLIs --------------------------------------------------------------------
 @pytest.mark.parametrize("cli", CLIS)
 def test_a_run_into_a_folder_another_run_is_writing_is_refused(cli, fundus_checkpoint, fundus,
