@@ -12,7 +12,9 @@ Any ``training.fit`` flag sets the shared budget (``--epochs``, ``--image-size``
 Each run trains with :func:`training.fitting.fit` into ``DIR/runs/METHOD/seedS`` and is
 evaluated with :func:`training.evaluate.evaluate` into ``…/test``; a run whose
 ``test/run.json`` exists is skipped, so rerunning the same command resumes (an
-interrupted training continues from its last epoch). Outputs:
+interrupted training continues from its last epoch); a finished run trained with other
+settings (another ``--epochs``, ``--lr``, …) is refused rather than mixed into the table.
+Outputs:
 
 - ``DIR/results.csv``: one row per method, seed and group (plus group ``all`` with ES);
 - ``DIR/summary.json``: ``{"methods": {M: {"es_dice": {"mean", "std"}, "dice", "es_iou",
@@ -133,10 +135,43 @@ def load_run(out: Path, method: str, seed: int) -> tuple[list[dict], dict] | Non
     return records, json.loads((test / "run.json").read_text())
 
 
+SAME_RESULT = frozenset({"data", "out", "quiet", "workers", "device", "compile",
+                         "grad_checkpoint", "description"})
+"""Settings that do not change what a run learns (where it reads and writes, how fast, how
+much it logs): a finished run trained under others differs only in these."""
+
+
+def settings_changed(out: Path, base: Any, runs: Sequence[tuple[str, int]]) -> list[str]:
+    """For each finished run of ``runs`` (``(method, seed)``), the settings its
+    ``config.yaml`` differs in from the run this benchmark would train
+    (``"DIR: epochs: 1 → 2; …"``), :data:`SAME_RESULT` aside. A run without a readable
+    ``config.yaml`` cannot be compared and is not listed."""
+    import yaml
+
+    from .fitting.config import saved_config
+    from .train_state import config_differences
+
+    changed = []
+    for method, seed in runs:
+        saved = run_dir(out, method, seed) / "config.yaml"
+        try:
+            trained = yaml.safe_load(saved.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        wanted = saved_config(method_config(base, method, seed, out))
+        diffs = config_differences(trained, wanted, ignore=SAME_RESULT)
+        if diffs:
+            changed.append(f"{run_dir(out, method, seed)}: {'; '.join(diffs)}")
+    return changed
+
+
 def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
               baseline: str = "none", n_boot: int = 2000,
               log: Callable[[str], None] = print) -> BenchmarkResult:
     """Run every method × seed (skipping finished runs) and write the summaries.
+
+    A finished run trained with other settings than this call's (:func:`settings_changed`)
+    is refused before anything trains (ValueError naming each run and setting).
 
     Args:
         base: a ``FitConfig`` with the shared budget (its ``out``/``seed``/method fields are
@@ -155,6 +190,16 @@ def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str 
     ran, skipped = [], []
     runs: dict[str, dict[int, tuple[list[dict], dict]]] = {m: {} for m in methods}
     total = len(methods) * len(seeds)
+    finished = [(m, s) for s in seeds for m in methods if load_run(out, m, s) is not None]
+    changed = settings_changed(out, base, finished)
+    if changed:  # before anything trains: the table would mix two budgets
+        shown = "\n  ".join(changed[:5]) + (f"\n  … and {len(changed) - 5} more"
+                                            if len(changed) > 5 else "")
+        raise ValueError(f"{out} holds {len(changed)} finished run(s) trained with other "
+                         f"settings than these (trained → now):\n  {shown}\nSummarising them "
+                         "with runs of the new settings would mix two budgets in one table. "
+                         "Nothing was trained or written. Use another --out for the new "
+                         "settings, or delete those run folders to train them again.")
     for i, (seed, m) in enumerate(((s, m) for s in seeds for m in methods), start=1):
         done = load_run(out, m, seed)
         if done is not None:

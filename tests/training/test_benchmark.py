@@ -143,6 +143,49 @@ def _fake_runs():
             for m in ("none", "febs")}
 
 
+def _finished_runs(out, base):
+    """``_fake_runs`` written as finished runs of ``base`` (records, run.json, config.yaml)."""
+    from training.benchmark import method_config, run_dir
+    from training.cli import write_yaml
+    from training.fitting.config import saved_config
+
+    for method, by_seed in _fake_runs().items():
+        for seed, (records, info) in by_seed.items():
+            test = run_dir(out, method, seed) / "test"
+            test.mkdir(parents=True)
+            (test / "records.json").write_text(json.dumps(records))
+            (test / "run.json").write_text(json.dumps(info))
+            write_yaml(run_dir(out, method, seed) / "config.yaml",
+                       saved_config(method_config(base, method, seed, out)))
+
+
+def test_finished_runs_of_other_settings_are_refused_not_mixed_in(tmp_path):
+    """Rerunning with another budget into the same --out would have skipped the finished
+    runs and summarised them beside new ones; it is refused before anything trains."""
+    import dataclasses
+
+    import training.benchmark as bench
+    from training.fitting import FitConfig
+
+    base = FitConfig(data=str(tmp_path / "data"), out="unused", epochs=1, attribute="race")
+    _finished_runs(tmp_path, base)
+    longer = dataclasses.replace(base, epochs=2, lr=5e-4, workers=3, device="cpu")
+    with pytest.raises(ValueError) as err:
+        bench.benchmark(longer, ["none", "febs"], [0, 1], tmp_path, n_boot=20,
+                        log=lambda line: None)
+    message = str(err.value)
+    assert "4 finished run(s) trained with other settings" in message
+    assert "epochs: 1 → 2" in message and "lr: 0.001 → 0.0005" in message
+    assert "workers" not in message and "device" not in message  # same result either way
+    assert "Nothing was trained or written" in message
+    assert not (tmp_path / "results.csv").exists()
+    moved = dataclasses.replace(base, data=str(tmp_path / "elsewhere"), workers=3)
+    same = bench.benchmark(moved, ["none", "febs"], [0, 1], tmp_path, n_boot=20,
+                           log=lambda line: None)
+    assert same.ran == [] and len(same.skipped) == 4
+    assert (tmp_path / "results.csv").is_file()
+
+
 @pytest.mark.parametrize("name", ["results.csv", "summary.json", "summary.md", "violin.png"])
 def test_a_summary_write_cut_short_keeps_that_earlier_file(tmp_path, name, disk_fills):
     from training.benchmark import summarise
