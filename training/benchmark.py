@@ -190,8 +190,9 @@ def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str 
     ran, skipped = [], []
     runs: dict[str, dict[int, tuple[list[dict], dict]]] = {m: {} for m in methods}
     total = len(methods) * len(seeds)
-    finished = [(m, s) for s in seeds for m in methods if load_run(out, m, s) is not None]
-    changed = settings_changed(out, base, finished)
+    finished = {(m, s): run for s in seeds for m in methods
+                if (run := load_run(out, m, s)) is not None}
+    changed = settings_changed(out, base, list(finished))
     if changed:  # before anything trains: the table would mix two budgets
         shown = "\n  ".join(changed[:5]) + (f"\n  … and {len(changed) - 5} more"
                                             if len(changed) > 5 else "")
@@ -201,10 +202,9 @@ def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str 
                          "Nothing was trained or written. Use another --out for the new "
                          "settings, or delete those run folders to train them again.")
     for i, (seed, m) in enumerate(((s, m) for s in seeds for m in methods), start=1):
-        done = load_run(out, m, seed)
-        if done is not None:
+        if (m, seed) in finished:
             skipped.append((m, seed))
-            runs[m][seed] = done
+            runs[m][seed] = finished[(m, seed)]
             continue
         log(f"[{i}/{total}] {m} seed {seed}")
         runs[m][seed] = run_one(method_config(base, m, seed, out), base.data, log)
