@@ -67,7 +67,7 @@ def require_frame_of_reference(source: DicomVolume, what: str) -> DicomVolume:
     that UID, and an empty one would be refused by it, or matched to the wrong scan."""
     if not source.frame_of_reference_uid:
         raise DicomError(f"{source.folder}: the series has no FrameOfReferenceUID "
-                         f"(0020,0052), so a {what} of it could not be placed on the scan "
+                         f"(0020,0052), so the {what} could not be placed on the scan "
                          "(the standard requires one). Nothing was written. Re-export the "
                          "series from the scanner or PACS with it (de-identification "
                          "tools can keep it), or save the mask as NIfTI/TIFF.")
