@@ -14,9 +14,12 @@ from ._reference import reference_experts
 
 @pytest.fixture(autouse=True)
 def fused_by_default(monkeypatch):
-    """The inputs here are small, which ``path="auto"`` would run padded: test the fused
-    path unless a test asks for another (``hidden_mode`` "padded", or ``path=`` given)."""
+    """The inputs here are small and narrow, which ``path="auto"`` would run padded or
+    native: test the fused path unless a test asks for another (``hidden_mode`` "padded",
+    or ``path=`` given). The native path has its own tests (test_native_experts)."""
     monkeypatch.setattr(experts, "PADDED_MAX_UNITS", -1)
+    monkeypatch.setattr(experts, "NATIVE_MAX_WIDTH", -1)
+    monkeypatch.setattr(experts, "NATIVE_FEW_MAX_WIDTH", -1)
 
 
 @pytest.fixture(params=["keep-hidden", "recompute-hidden", "padded"])

@@ -1,0 +1,162 @@
+"""Build a C source shipped with the package into a shared library, once per machine.
+
+The library is compiled with the system's C compiler (``$CC``, else ``cc``) for this CPU
+(``-O3 -march=native``) into a cache folder (``$NAPARI_DMOE_CACHE``, else
+``$XDG_CACHE_HOME/napari-dmoe`` or ``~/.cache/napari-dmoe``; subfolder ``native``), under a
+name that hashes the source, the flags, the compiler's version and the CPU: a changed
+source, compiler or machine builds anew, and a cache shared between machines never loads
+code built for another CPU. Writes are atomic (a temporary file renamed into place), so
+processes building at once (distributed training) cannot load a torn file.
+
+When there is no compiler, the build fails or ``NAPARI_DMOE_NATIVE=0`` is set,
+:func:`load_library` returns None (with one warning naming the reason, unless disabled
+on purpose) and callers run their pure-torch path: same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11")
+"""Compiler flags (no fast-math: results must match the torch path to rounding)."""
+
+
+def openmp_flags() -> tuple[str, ...]:
+    """``("-fopenmp",)`` when torch runs on GNU OpenMP (its own ``libgomp.so.1``, as the
+    Linux wheels): the library then shares torch's OpenMP threads (same soname, already
+    loaded), which spin between torch's ops, instead of competing with them for the cores
+    (2 threads: 15 -> 8 ms at the 65k-token stage). Otherwise none: the kernels then use
+    POSIX threads, as a second OpenMP runtime in one process would fight the first."""
+    import torch
+
+    lib = Path(torch.__file__).parent / "lib"
+    return ("-fopenmp",) if any(lib.glob("libgomp*.so*")) else ()
+
+DISABLE_VARIABLE = "NAPARI_DMOE_NATIVE"
+"""Set to ``0`` (or ``off``, ``false``, ``no``) to never build or load native kernels."""
+
+BUILD_TIMEOUT_S = 300
+
+
+def native_disabled() -> bool:
+    """True when ``NAPARI_DMOE_NATIVE`` turns native kernels off."""
+    return os.environ.get(DISABLE_VARIABLE, "").strip().lower() in ("0", "off", "false", "no")
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (see the module docstring)."""
+    root = os.environ.get("NAPARI_DMOE_CACHE")
+    if root:
+        return Path(root) / "native"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "napari-dmoe" / "native"
+
+
+def _cpu_identity() -> str:
+    """Model and instruction-set flags of this CPU (what ``-march=native`` compiles for)."""
+    fields = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    fields.append(line.strip())
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join(fields)
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"unknown ({err})"
+    return result.stdout.strip()
+
+
+def _warn(source: Path, reason: str) -> None:
+    warnings.warn(
+        f"napari-dmoe could not build its native kernel {source.name}: {reason}. The layer "
+        "runs its pure-torch path instead (same results, slower). Install a C compiler "
+        f"(e.g. apt-get install gcc) to get it, or set {DISABLE_VARIABLE}=0 to silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> str | None:
+    """Build ``source`` into ``target`` atomically; the failure's reason, or None."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *flags, "-o", temp, str(source)],
+                                capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                                check=False)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            return f"{compiler} exited with {result.returncode}: " + " | ".join(tail)
+        os.replace(temp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"{compiler} failed to run ({err})"
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+@functools.cache
+def load_library(source: Path) -> ctypes.CDLL | None:
+    """The shared library built from ``source`` (built on first use), or None (see the
+    module docstring)."""
+    if native_disabled():
+        return None
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        _warn(source, f"no C compiler {compiler!r} on PATH")
+        return None
+    try:
+        code = source.read_bytes()
+    except OSError as err:
+        _warn(source, f"its source could not be read ({err})")
+        return None
+    flags = FLAGS + openmp_flags()
+    key = hashlib.sha256()
+    for part in (code, " ".join(flags).encode(), _compiler_version(compiler).encode(),
+                 _cpu_identity().encode()):
+        key.update(part)
+        key.update(b"\0")
+    name = f"{source.stem}-{key.hexdigest()[:20]}.so"
+    folders = [cache_dir(), Path(tempfile.gettempdir()) / f"napari-dmoe-native-{os.getuid()}"
+               if hasattr(os, "getuid") else Path(tempfile.gettempdir()) / "napari-dmoe-native"]
+    reasons = []
+    for folder in folders:
+        target = folder / name
+        if not target.exists():
+            try:
+                reason = _compile(compiler, flags, source, target)
+            except OSError as err:  # folder not writable
+                reason = f"{folder} is not writable ({err})"
+            if reason is not None:
+                reasons.append(reason)
+                if "exited with" in reason:  # the code itself does not build: stop here
+                    break
+                continue
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as err:
+            reasons.append(f"{target} could not be loaded ({err})")
+    _warn(source, "; ".join(reasons))
+    return None
