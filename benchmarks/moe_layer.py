@@ -1,10 +1,10 @@
 """Speed and memory of the dMoE layer against a straightforward per-expert implementation.
 
-Usage: ``python benchmarks/moe_layer.py [--repeats 5] [--only 2d|3d-36k|3d-295k]
+Usage: ``python benchmarks/moe_layer.py [--repeats 5] [--only 2d|3d-36k|3d-295k|3d-tiny-65k]
 [--modes train eval] [--threads T]``
 
-For each shape (two 3D ResUNet stages and the 2D TransUNet/ViT paper shape; 8 experts,
-top-2) it times forward+backward of ``training.networks.DMoE`` and of a reference written
+For each shape (two 3D ResUNet paper-preset stages, the first stage of the tiny preset
+and the 2D TransUNet/ViT paper shape; 8 experts, top-2) it times forward+backward of ``training.networks.DMoE`` and of a reference written
 here (per-sample router loop, boolean-mask dispatch per expert, ``F.dropout``, plain
 autograd) in the same process, alternating the two so that load changes hit both alike.
 
@@ -26,8 +26,8 @@ autograd) in the same process, alternating the two so that load changes hit both
   shared machine the speed drifts within a minute): the median (min–max) over repeats of
   each repeat's fraction; once per wall second, once per CPU second. ``peak``: the
   product's median GFLOP/s.
-- ``path``: which expert dispatch ran (``fused`` on CPU; ``grouped`` = bf16 grouped GEMM
-  on CUDA).
+- ``path``: which expert dispatch ran (on CPU ``native`` = the C kernel for narrow
+  experts, ``fused`` otherwise; ``grouped`` = bf16 grouped GEMM on CUDA).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ SHAPES = {
     "3d-295k": dict(B=1, N=294_912, C=48, A=4),
     "3d-36k": dict(B=1, N=36_864, C=96, A=4),
     "2d": dict(B=8, N=196, C=768, A=3),
+    "3d-tiny-65k": dict(B=4, N=16_384, C=8, A=4),
 }
 E, K, DROPOUT = 8, 2, 0.1
 PEAK_SECONDS = 0.3
