@@ -4,9 +4,10 @@ Usage: ``python benchmarks/moe_layer.py [--repeats 5] [--only 2d|3d-36k|3d-295k|
 [--modes train eval] [--threads T]``
 
 For each shape (two 3D ResUNet paper-preset stages, the first stage of the tiny preset
-and the 2D TransUNet/ViT paper shape; 8 experts, top-2) it times forward+backward of ``training.networks.DMoE`` and of a reference written
-here (per-sample router loop, boolean-mask dispatch per expert, ``F.dropout``, plain
-autograd) in the same process, alternating the two so that load changes hit both alike.
+and the 2D TransUNet/ViT paper shape; 8 experts, top-2) it times forward+backward of
+``training.networks.DMoE`` and of a reference written here (per-sample router loop,
+boolean-mask dispatch per expert, ``F.dropout``, plain autograd) in the same process,
+alternating the two so that load changes hit both alike.
 
 - ``train`` (the default first row) is the configuration users train with: ``train()``
   mode, router noise on, expert dropout 0.1. ``eval`` (second row) has both off; there the

@@ -8,7 +8,8 @@ source, compiler or machine builds anew, and a cache shared between machines nev
 code built for another CPU. Writes are atomic (a temporary file renamed into place), so
 processes building at once (distributed training) cannot load a torn file.
 
-When there is no compiler, the build fails or ``NAPARI_DMOE_NATIVE=0`` is set,
+``NAPARI_DMOE_NATIVE_FLAGS`` appends compiler flags. When there is no compiler, the build
+fails or ``NAPARI_DMOE_NATIVE=0`` is set,
 :func:`load_library` returns None (with one warning naming the reason, unless disabled
 on purpose) and callers run their pure-torch path: same results, slower.
 """
@@ -20,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -43,6 +45,10 @@ def openmp_flags() -> tuple[str, ...]:
 
 DISABLE_VARIABLE = "NAPARI_DMOE_NATIVE"
 """Set to ``0`` (or ``off``, ``false``, ``no``) to never build or load native kernels."""
+
+FLAGS_VARIABLE = "NAPARI_DMOE_NATIVE_FLAGS"
+"""Extra compiler flags, appended (e.g. ``-march=x86-64-v3`` for a cache shared by unlike
+machines, or ``-mno-avx512f`` to build the 8-lane code on an AVX-512 machine)."""
 
 BUILD_TIMEOUT_S = 300
 
@@ -132,7 +138,7 @@ def load_library(source: Path) -> ctypes.CDLL | None:
     except OSError as err:
         _warn(source, f"its source could not be read ({err})")
         return None
-    flags = FLAGS + openmp_flags()
+    flags = FLAGS + openmp_flags() + tuple(shlex.split(os.environ.get(FLAGS_VARIABLE, "")))
     key = hashlib.sha256()
     for part in (code, " ".join(flags).encode(), _compiler_version(compiler).encode(),
                  _cpu_identity().encode()):

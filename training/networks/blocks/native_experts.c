@@ -280,43 +280,34 @@ INLINE Drop slot_drop(const Args *a, int64_t slot, int64_t W) {
         h ^= h >> 16;                                                       \
     } while (0)
 
-/* v with its 8 units from unit n of the slot zeroed where dropped (n a multiple of 8). */
-INLINE v8 drop8(const Drop *d, int64_t n, v8 v) {
-    const i8v lanes = {0, 1, 2, 3, 4, 5, 6, 7};
-    if (d->mode == 1) {
-        u8v h = ((u8v)lanes + (uint32_t)n) * 0x9E3779B9u;
-        h ^= (u8v){0} + d->key;
-        MIX32_VEC(h);
-        return (v8)((i8v)v & (i8v)(h >= d->threshold));
+/* NAME(d, n, v): v with its LANES units from unit n of the slot zeroed where dropped (n a
+ * multiple of 8), for a float vector type VF with int and unsigned twins VI, VU; BITS_T
+ * holds LANES bits. Defined for 8 lanes (C-wide rows) and HW lanes (H-wide rows). */
+#define DEFINE_DROP(NAME, VF, VI, VU, LANES, BITS_T)                        \
+    INLINE VF NAME(const Drop *d, int64_t n, VF v) {                        \
+        VI lanes;                                                           \
+        for (int l = 0; l < LANES; ++l) lanes[l] = l;                       \
+        if (d->mode == 1) {                                                 \
+            VU h = ((VU)lanes + (uint32_t)n) * 0x9E3779B9u;                 \
+            h ^= (VU){0} + d->key;                                          \
+            MIX32_VEC(h);                                                   \
+            return (VF)((VI)v & (VI)(h >= d->threshold));                   \
+        }                                                                   \
+        if (d->mode == 2) {                                                 \
+            BITS_T word; /* little-endian bit order */                      \
+            memcpy(&word, d->bits + ((d->base + n) >> 3), sizeof word);     \
+            const VI b = (VI){0} + (int32_t)word;                           \
+            return (VF)((VI)v & (((b >> lanes) & 1) == 0));                 \
+        }                                                                   \
+        return v;                                                           \
     }
-    if (d->mode == 2) {
-        const i8v b = (i8v){0} + (int32_t)d->bits[(d->base + n) >> 3];
-        return (v8)((i8v)v & (((b >> lanes) & 1) == 0));
-    }
-    return v;
-}
 
-/* The same for HW units. */
-INLINE vh droph(const Drop *d, int64_t n, vh v) {
+DEFINE_DROP(drop8, v8, i8v, u8v, 8, uint8_t)
 #if HW == 16
-    const ihv lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    if (d->mode == 1) {
-        uhv h = ((uhv)lanes + (uint32_t)n) * 0x9E3779B9u;
-        h ^= (uhv){0} + d->key;
-        MIX32_VEC(h);
-        return (vh)((ihv)v & (ihv)(h >= d->threshold));
-    }
-    if (d->mode == 2) {
-        uint16_t word;
-        memcpy(&word, d->bits + ((d->base + n) >> 3), 2); /* little-endian bit order */
-        const ihv b = (ihv){0} + (int32_t)word;
-        return (vh)((ihv)v & (((b >> lanes) & 1) == 0));
-    }
-    return v;
+DEFINE_DROP(droph, vh, ihv, uhv, 16, uint16_t)
 #else
-    return drop8(d, n, v);
+#define droph drop8
 #endif
-}
 
 /* v where ref > 0, else 0 (ReLU and its gradient). */
 INLINE vh where_positive(vh v, vh ref) { return (vh)((ihv)v & (ref > splath(0.0f))); }
@@ -571,6 +562,9 @@ int dmoe_experts_forward(const Args *a) { return run_parts(a, forward_part, 0); 
 
 /* Fills dx (T, C), dgates (T, k), dw1, db1, dw2, db2 from grad_out (T, C), y_rows. */
 int dmoe_experts_backward(const Args *a) { return run_parts(a, backward_part, 1); }
+
+/* Floats per vector of the H-wide code (16 with AVX-512, else 8). */
+int64_t dmoe_experts_lanes(void) { return HW; }
 
 /* The layout of Args this library was built with, checked by the loader. */
 int64_t dmoe_experts_args_size(void) { return (int64_t)sizeof(Args); }

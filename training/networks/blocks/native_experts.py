@@ -48,6 +48,7 @@ def _kernel() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.dmoe_experts_args_size.restype = ctypes.c_int64
+    lib.dmoe_experts_lanes.restype = ctypes.c_int64
     if lib.dmoe_experts_args_size() != ctypes.sizeof(_Args):
         raise RuntimeError(f"{SOURCE.name}: Args layout differs between C and Python")
     for name in ("dmoe_experts_forward", "dmoe_experts_backward"):
@@ -64,6 +65,19 @@ def _kernel() -> ctypes.CDLL | None:
 def native_available() -> bool:
     """True when the native kernel is built (or can be) and loaded."""
     return _kernel() is not None
+
+
+def forget_kernel() -> None:
+    """Forget the loaded kernel: the next call loads (or builds) it again, e.g. after
+    ``NAPARI_DMOE_NATIVE_FLAGS`` or ``NAPARI_DMOE_CACHE`` changed."""
+    load_library.cache_clear()
+    _kernel.cache_clear()
+
+
+def native_lanes() -> int:
+    """Floats per vector of the kernel's hidden-width code: 16 where it was built with
+    AVX-512, else 8 (widths that do not fit run its scalar code)."""
+    return int(_kernel().dmoe_experts_lanes())
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:

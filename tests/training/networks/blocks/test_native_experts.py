@@ -3,14 +3,20 @@ dropout mask and with its own counter-based one."""
 
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
 import torch
 
-from training.networks.blocks import experts, native_experts
+from training.networks.blocks import experts, native_build, native_experts
 from training.networks.blocks.experts import ExpertBank
-from training.networks.blocks.native_experts import hashed_keep, native_available
+from training.networks.blocks.native_experts import (
+    forget_kernel,
+    hashed_keep,
+    native_available,
+    native_lanes,
+)
 
 from ._reference import reference_experts
 
@@ -38,12 +44,7 @@ def _outputs_and_grads(y, params, weight):
     return [y, *torch.autograd.grad((y * weight).sum(), params)]
 
 
-# C = 8, 16, 32, 48, 64: constant-width vector code; 24: run-time widths; 12, 20: scalar code
-@needs_kernel
-@pytest.mark.parametrize("C", [8, 12, 16, 20, 24, 32, 48, 64])
-@pytest.mark.parametrize("k", [1, 2, 3])
-@pytest.mark.parametrize("position", ["hidden", "output"])
-def test_native_matches_reference_with_the_same_mask(C, k, position):
+def _compare_with_reference(C, k, position):
     E, T = 8, 150
     torch.manual_seed(C * 10 + k)
     bank = ExpertBank(C, num_experts=E, dropout=0.25, dropout_position=position).train()
@@ -58,6 +59,36 @@ def test_native_matches_reference_with_the_same_mask(C, k, position):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5, msg=name)
 
 
+# C = 8, 16, 32, 48, 64: constant-width vector code; 24: run-time widths; 12, 20: scalar code
+@needs_kernel
+@pytest.mark.parametrize("C", [8, 12, 16, 20, 24, 32, 48, 64])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("position", ["hidden", "output"])
+def test_native_matches_reference_with_the_same_mask(C, k, position):
+    _compare_with_reference(C, k, position)
+
+
+@pytest.fixture
+def eight_lane_kernel(monkeypatch, tmp_path):
+    """The kernel built without AVX-512 (its 8-lane hidden-width code, what CPUs without
+    AVX-512 run), in a cache of its own; the default kernel again afterwards."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not native_available():
+        pytest.skip("needs the kernel on x86-64")
+    monkeypatch.setenv(native_build.FLAGS_VARIABLE, "-mno-avx512f")
+    monkeypatch.setenv("NAPARI_DMOE_CACHE", str(tmp_path))
+    forget_kernel()
+    yield
+    forget_kernel()
+
+
+@pytest.mark.parametrize("C", [8, 12, 24])
+def test_eight_lane_build_matches_reference(eight_lane_kernel, C):
+    assert native_lanes() == 8
+    for position in ("hidden", "output"):
+        _compare_with_reference(C, 2, position)
+        _compare_counter_based(C, position)
+
+
 def _seed_of_next_call(seed: int) -> int:
     """The counter-based seed a native call draws right after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
@@ -70,6 +101,10 @@ def _seed_of_next_call(seed: int) -> int:
 def test_counter_based_mask_is_the_one_backward_uses(C, position):
     """The fresh mask is a hash of (seed, unit): the reference run with that mask gives the
     same outputs and gradients, so the backward pass regenerated the forward's mask."""
+    _compare_counter_based(C, position)
+
+
+def _compare_counter_based(C, position):
     E, k, T = 8, 2, 400
     bank = ExpertBank(C, num_experts=E, dropout=0.1, dropout_position=position).train()
     x, indices, gates = _routing(T, C, E, k)
