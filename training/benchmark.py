@@ -14,6 +14,8 @@ evaluated with :func:`training.evaluate.evaluate` into ``…/test``; a run whose
 ``test/run.json`` exists is skipped, so rerunning the same command resumes (an
 interrupted training continues from its last epoch); a finished run trained with other
 settings (another ``--epochs``, ``--lr``, …) is refused rather than mixed into the table.
+A benchmark holds ``DIR``'s lock until it has written its summaries: a second one into the
+same ``DIR`` is refused (exit 2, naming the first) instead of training the same runs.
 Outputs:
 
 - ``DIR/results.csv``: one row per method, seed and group (plus group ``all`` with ES);
@@ -44,6 +46,7 @@ from typing import Any
 
 from .benchmark_report import write_outputs
 from .protocol import METHODS
+from .run_folder import lock_folder
 from .stats import (
     RunScores,
     attribute_parts_of,
@@ -171,7 +174,8 @@ def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str 
     """Run every method × seed (skipping finished runs) and write the summaries.
 
     A finished run trained with other settings than this call's (:func:`settings_changed`)
-    is refused before anything trains (ValueError naming each run and setting).
+    is refused before anything trains (ValueError naming each run and setting), and so is an
+    ``out`` another live benchmark holds (:class:`~training.run_folder.FolderInUseError`).
 
     Args:
         base: a ``FitConfig`` with the shared budget (its ``out``/``seed``/method fields are
@@ -183,10 +187,18 @@ def benchmark(base: Any, methods: Sequence[str], seeds: Sequence[int], out: str 
         n_boot: bootstrap replicates for the confidence intervals.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    # the whole benchmark holds --out: a second one into the same folder would train the
+    # same unfinished runs and race this one's records, run.json and summaries
+    with lock_folder(out, "training.benchmark", log=log):
+        return _run_all(base, methods, seeds, out, baseline, n_boot, log)
+
+
+def _run_all(base: Any, methods: Sequence[str], seeds: Sequence[int], out: Path,
+             baseline: str, n_boot: int, log: Callable[[str], None]) -> BenchmarkResult:
+    """:func:`benchmark`'s work, with ``out`` locked."""
     ran, skipped = [], []
     runs: dict[str, dict[int, tuple[list[dict], dict]]] = {m: {} for m in methods}
     total = len(methods) * len(seeds)

@@ -186,6 +186,31 @@ def test_finished_runs_of_other_settings_are_refused_not_mixed_in(tmp_path):
     assert (tmp_path / "results.csv").is_file()
 
 
+def test_a_second_benchmark_into_the_same_out_is_refused(tmp_path, capsys):
+    """It would train the same unfinished runs and race the first one's records and
+    summaries; it is refused, naming the first, and nothing is written."""
+    import training.benchmark as bench
+    from training.fitting import FitConfig
+    from training.run_folder import FolderInUseError, lock_folder
+
+    base = FitConfig(data=str(tmp_path / "data"), out="unused", epochs=1, attribute="race")
+    _finished_runs(tmp_path, base)
+    with lock_folder(tmp_path, "training.benchmark"):  # the first benchmark, still running
+        with pytest.raises(FolderInUseError, match="in use by another run.*training.benchmark"):
+            bench.benchmark(base, ["none", "febs"], [0, 1], tmp_path, n_boot=20,
+                            log=lambda line: None)
+        assert not (tmp_path / "results.csv").exists()
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--data", str(tmp_path / "data"), "--attribute", "race", "--epochs",
+                        "1", "--methods", "none,febs", "--seeds", "2", "--out", str(tmp_path)])
+        assert exit_.value.code == 2
+        assert "is in use by another run" in capsys.readouterr().err
+    done = bench.benchmark(base, ["none", "febs"], [0, 1], tmp_path, n_boot=20,
+                           log=lambda line: None)  # once the first has finished
+    assert len(done.skipped) == 4 and (tmp_path / "results.csv").is_file()
+    assert not (tmp_path / ".napari-dmoe.lock").exists()
+
+
 @pytest.mark.parametrize("name", ["results.csv", "summary.json", "summary.md", "violin.png"])
 def test_a_summary_write_cut_short_keeps_that_earlier_file(tmp_path, name, disk_fills):
     from training.benchmark import summarise
