@@ -6,7 +6,8 @@ Groups differ in appearance and in contouring policy (see ``training.data.synthe
 the output feeds the tests, the plugin's sample data, the demo models and the README.
 An ``--out`` that already holds a dataset is refused (exit 2, naming its files) unless
 ``--overwrite``, which replaces only a dataset training.synth wrote; every file is written
-under a temporary name and renamed when complete, ``manifest.csv`` last.
+under a temporary name and renamed when complete, ``manifest.csv`` last. ``--out`` is
+locked while it is written: a second synth (or any run) into it is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 from training.checkpoint import CheckpointWriteError
 from training.data.synthetic import ATTRIBUTE, DEFAULT_N, KINDS, make_synthetic_dataset
+from training.run_folder import lock_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\r{args.kind}: {done}/{total} cases", end="", file=sys.stderr, flush=True)
 
     try:
-        manifest = make_synthetic_dataset(args.kind, args.out, n=args.n, seed=args.seed,
-                                          progress=progress, overwrite=args.overwrite)
+        with lock_folder(args.out, "training.synth"):
+            manifest = make_synthetic_dataset(args.kind, args.out, n=args.n, seed=args.seed,
+                                              progress=progress, overwrite=args.overwrite)
     except ValueError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2

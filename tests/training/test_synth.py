@@ -22,6 +22,19 @@ def test_cli_reports_bad_n(tmp_path, capsys):
     assert "n must be at least 12" in capsys.readouterr().err
 
 
+def test_a_folder_another_run_is_writing_is_refused(tmp_path, capsys):
+    from training.run_folder import lock_folder
+
+    out = tmp_path / "skin"
+    with lock_folder(out, "training.synth"):  # a first synth, still writing
+        assert main(["--kind", "skin", "--out", str(out), "--n", "15"]) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another run (training.synth" in err and "nothing was changed" in err
+        assert not (out / "manifest.csv").exists()
+    assert main(["--kind", "skin", "--out", str(out), "--n", "15"]) == 0  # once it is done
+    assert not (out / ".napari-dmoe.lock").exists()
+
+
 def _snapshot(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
