@@ -3,7 +3,8 @@
 The library is compiled with the system's C compiler (``$CC``, else ``cc``) for this CPU
 (``-O3 -march=native``) into a cache folder (``$NAPARI_DMOE_CACHE``, else
 ``$XDG_CACHE_HOME/napari-dmoe`` or ``~/.cache/napari-dmoe``; subfolder ``native``), under a
-name that hashes the source, the flags, the compiler's version and the CPU: a changed
+name that hashes the source (and the headers beside it), the flags, the compiler's version
+and the CPU: a changed
 source, compiler or machine builds anew, and a cache shared between machines never loads
 code built for another CPU. Writes are atomic (a temporary file renamed into place), so
 processes building at once (distributed training) cannot load a torn file.
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11")
@@ -139,8 +141,13 @@ def load_library(source: Path) -> ctypes.CDLL | None:
         _warn(source, f"its source could not be read ({err})")
         return None
     flags = FLAGS + openmp_flags() + tuple(shlex.split(os.environ.get(FLAGS_VARIABLE, "")))
+    try:  # the headers it may include sit beside it
+        headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    except OSError as err:
+        _warn(source, f"a header beside it could not be read ({err})")
+        return None
     key = hashlib.sha256()
-    for part in (code, " ".join(flags).encode(), _compiler_version(compiler).encode(),
+    for part in (code, *headers, " ".join(flags).encode(), _compiler_version(compiler).encode(),
                  _cpu_identity().encode()):
         key.update(part)
         key.update(b"\0")
@@ -166,3 +173,21 @@ def load_library(source: Path) -> ctypes.CDLL | None:
             reasons.append(f"{target} could not be loaded ({err})")
     _warn(source, "; ".join(reasons))
     return None
+
+
+def load_kernel(source: Path, args_type: type[ctypes.Structure], prefix: str,
+                entry_points: Sequence[str]) -> ctypes.CDLL | None:
+    """:func:`load_library` for a kernel whose entry points take one ``Args *`` and return
+    an int status: each is declared so, and the C ``Args`` layout (``{prefix}_args_size``)
+    is checked against ``args_type``. None when the library cannot be built."""
+    lib = load_library(source)
+    if lib is None:
+        return None
+    size = getattr(lib, f"{prefix}_args_size")
+    size.restype = ctypes.c_int64
+    if size() != ctypes.sizeof(args_type):
+        raise RuntimeError(f"{source.name}: Args layout differs between C and Python")
+    for name in entry_points:
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = [ctypes.POINTER(args_type)]
+    return lib

@@ -21,18 +21,17 @@
  * with their last two axes swapped (backward only); dropped_bits ((T * k * W + 7) / 8)
  * uint8, little-endian bit order, or NULL. No dropout: seed 0 and dropped_bits NULL.
  *
- * Threads: tokens are split into contiguous ranges, one per thread: OpenMP when built with
- * -fopenmp against torch's own runtime (see native_build.py), else POSIX threads. Each
- * thread accumulates its own weight gradients; they are summed in part order, so results
- * do not depend on timing.
+ * Threads: tokens are split into contiguous ranges, one per thread (native_parallel.h).
+ * Each thread accumulates its own weight gradients; they are summed in part order, so
+ * results do not depend on timing.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_parallel.h"
+
 #define INLINE static inline __attribute__((always_inline))
-#define MAX_THREADS 256
 
 typedef struct {
     int64_t T, k, C, H, E, threads, position;
@@ -498,9 +497,7 @@ static void *backward_part(void *arg) {
 /* Run fn on `threads` contiguous token ranges; part 0 on the calling thread. Returns 0, or
  * -1 when scratch memory for the weight gradients could not be allocated. */
 static int run_parts(const Args *a, void *(*fn)(void *), int backward) {
-    int64_t n = a->threads < 1 ? 1 : a->threads;
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    if (n > a->T) n = a->T > 0 ? a->T : 1;
+    const int64_t n = part_count(a->threads, a->T);
     const int64_t E = a->E, C = a->C, H = a->H;
     const int64_t grad_size = E * (2 * C * H + H + C);
     Part parts[MAX_THREADS];
@@ -528,22 +525,7 @@ static int run_parts(const Args *a, void *(*fn)(void *), int backward) {
             p->db2 = s + 2 * E * C * H + E * H;
         }
     }
-#ifdef _OPENMP
-    /* torch's own OpenMP runtime (same soname, already loaded): its threads are the ones
-     * that spin between torch's parallel ops, so they take these parts at once */
-#pragma omp parallel for num_threads(n) schedule(static, 1)
-    for (int64_t i = 0; i < n; ++i) fn(&parts[i]);
-#else
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int64_t i = 1; i < n; ++i) {
-        started[i] = pthread_create(&ids[i], NULL, fn, &parts[i]) == 0;
-        if (!started[i]) fn(&parts[i]);
-    }
-    fn(&parts[0]);
-    for (int64_t i = 1; i < n; ++i)
-        if (started[i]) pthread_join(ids[i], NULL);
-#endif
+    run_parallel(fn, parts, sizeof(Part), n);
     if (backward && n > 1) {
         for (int64_t i = 1; i < n; ++i) { /* in thread order */
             const Part *p = &parts[i];

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from .native_build import load_library
+from .native_build import load_kernel, load_library
 
 SOURCE = Path(__file__).with_name("native_experts.c")
 
@@ -44,16 +44,11 @@ class _Args(ctypes.Structure):
 
 @functools.cache
 def _kernel() -> ctypes.CDLL | None:
-    lib = load_library(SOURCE)
+    lib = load_kernel(SOURCE, _Args, "dmoe_experts",
+                      ("dmoe_experts_forward", "dmoe_experts_backward"))
     if lib is None:
         return None
-    lib.dmoe_experts_args_size.restype = ctypes.c_int64
     lib.dmoe_experts_lanes.restype = ctypes.c_int64
-    if lib.dmoe_experts_args_size() != ctypes.sizeof(_Args):
-        raise RuntimeError(f"{SOURCE.name}: Args layout differs between C and Python")
-    for name in ("dmoe_experts_forward", "dmoe_experts_backward"):
-        getattr(lib, name).restype = ctypes.c_int
-        getattr(lib, name).argtypes = [ctypes.POINTER(_Args)]
     lib.dmoe_mark_dropped.restype = None
     lib.dmoe_mark_dropped.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.dmoe_hashed_mask.restype = None

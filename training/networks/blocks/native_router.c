@@ -19,16 +19,16 @@
  * Vector code: k <= 2 runs LANES tokens at a time (compare-and-select, no branches) and so
  * does the backward pass where x's tokens are contiguous (a feature map's, xs_n = 1); the
  * rest, token by token.
- * Threads: OpenMP (torch's runtime) or POSIX threads, tokens split in contiguous ranges;
- * weight gradients summed per thread, then in part order.
+ * Threads: tokens split in contiguous ranges (native_parallel.h); weight gradients summed
+ * per thread, then in part order.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_THREADS 256
+#include "native_parallel.h"
+
 #define MAX_K 64
 #define MAX_ROWS_X_C 2048 /* 2E * C accumulators of the vector backward pass */
 
@@ -290,9 +290,7 @@ static void *backward_part(void *arg) {
 
 static int run_parts(const Args *a, void *(*fn)(void *), int backward) {
     const int64_t T = a->B * a->N;
-    int64_t n = a->threads < 1 ? 1 : a->threads;
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    if (n > T) n = T > 0 ? T : 1;
+    const int64_t n = part_count(a->threads, T);
     const int64_t wsize = a->B * 2 * a->E * a->C, bsize = a->B * 2 * a->E;
     Part parts[MAX_THREADS];
     float *scratch = NULL;
@@ -316,20 +314,7 @@ static int run_parts(const Args *a, void *(*fn)(void *), int backward) {
             p->db = a->db ? p->dwt + wsize : NULL;
         }
     }
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(n) schedule(static, 1)
-    for (int64_t i = 0; i < n; ++i) fn(&parts[i]);
-#else
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int64_t i = 1; i < n; ++i) {
-        started[i] = pthread_create(&ids[i], NULL, fn, &parts[i]) == 0;
-        if (!started[i]) fn(&parts[i]);
-    }
-    fn(&parts[0]);
-    for (int64_t i = 1; i < n; ++i)
-        if (started[i]) pthread_join(ids[i], NULL);
-#endif
+    run_parallel(fn, parts, sizeof(Part), n);
     if (backward && n > 1) {
         for (int64_t i = 1; i < n; ++i) { /* in part order */
             for (int64_t q = 0; q < wsize; ++q) a->dwt[q] += parts[i].dwt[q];

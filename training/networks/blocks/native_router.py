@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .native_build import load_library
+from .native_build import load_kernel, load_library
 
 SOURCE = Path(__file__).with_name("native_router.c")
 
@@ -45,16 +45,8 @@ class _Args(ctypes.Structure):
 
 @functools.cache
 def _kernel() -> ctypes.CDLL | None:
-    lib = load_library(SOURCE)
-    if lib is None:
-        return None
-    lib.dmoe_router_args_size.restype = ctypes.c_int64
-    if lib.dmoe_router_args_size() != ctypes.sizeof(_Args):
-        raise RuntimeError(f"{SOURCE.name}: Args layout differs between C and Python")
-    for name in ("dmoe_router_select", "dmoe_router_backward"):
-        getattr(lib, name).restype = ctypes.c_int
-        getattr(lib, name).argtypes = [ctypes.POINTER(_Args)]
-    return lib
+    return load_kernel(SOURCE, _Args, "dmoe_router",
+                       ("dmoe_router_select", "dmoe_router_backward"))
 
 
 def forget_kernel() -> None:

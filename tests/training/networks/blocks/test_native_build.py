@@ -57,6 +57,16 @@ def test_no_compiler_warns_once_and_returns_none(cache, tmp_path, monkeypatch):
 
 
 @needs_compiler
+def test_a_changed_header_beside_the_source_builds_anew(cache, tmp_path):
+    (tmp_path / "value.h").write_text("#define VALUE 7\n")
+    source = _source(tmp_path, '#include "value.h"\nint answer(void) { return VALUE; }')
+    assert load_library(source).answer() == 7
+    load_library.cache_clear()
+    (tmp_path / "value.h").write_text("#define VALUE 8\n")
+    assert load_library(source).answer() == 8
+
+
+@needs_compiler
 def test_a_source_that_does_not_build_warns_with_the_compiler_message(cache, tmp_path):
     with pytest.warns(RuntimeWarning, match="exited with.*error"):
         assert load_library(_source(tmp_path, "int answer(void) { return }")) is None
