@@ -176,6 +176,10 @@ def native_experts(x, indices, gates, w1, b1, w2, b2, p, position, mask):
         ``(T, C)``.
     """
     T, C = x.shape
+    for name, t in dict(x=x, gates=gates, w1=w1, b1=b1, w2=w2, b2=b2).items():
+        if t.dtype != torch.float32 or t.device.type != "cpu":  # the C code reads raw float32
+            raise ValueError(f"{SOURCE.name}: {name} must be float32 on CPU, got {t.dtype} "
+                             f"on {t.device}")
     seed, bits = 0, None
     if p > 0 and mask is not None:
         units = T * indices.shape[1] * (w1.shape[2] if position == "hidden" else C)

@@ -72,6 +72,14 @@ def _run(name: str, args: _Args) -> None:
         raise ValueError(f"{SOURCE.name}: {name} refused its arguments (status {status})")
 
 
+def _check_float32_cpu(**tensors: torch.Tensor) -> None:
+    """The C code reads raw float32 memory: refuse anything else before it does."""
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{SOURCE.name}: {name} must be float32 on CPU, got {t.dtype} "
+                             f"on {t.device}")
+
+
 def _pointers(**tensors: torch.Tensor | None) -> dict[str, int | None]:
     return {name: None if t is None else t.data_ptr() for name, t in tensors.items()}
 
@@ -92,6 +100,7 @@ def select_top_k(logits: torch.Tensor, noise: torch.Tensor, both: torch.Tensor, 
         experts, each ``(B, N, k)``, best first (ties: lower expert; NaN counts as largest).
     """
     B, E, N = logits.shape
+    _check_float32_cpu(logits=logits, noise=noise, both=both)
     logits, noise = logits.contiguous(), noise.contiguous()
     both = both.contiguous()
     indices = torch.empty(B, N, k, dtype=torch.int64)
@@ -119,6 +128,8 @@ def router_backward(grad_gates: torch.Tensor, gates: torch.Tensor, indices: torc
     B, N, C = x.shape
     E2 = weight.shape[-1]
     k = indices.shape[-1]
+    _check_float32_cpu(grad_gates=grad_gates, gates=gates, noise_sel=noise_sel, nl_sel=nl_sel,
+                       x=x, weight=weight)
     dense = x.is_contiguous() or x.transpose(1, 2).is_contiguous()
     if not dense:
         x = x.contiguous()

@@ -112,7 +112,8 @@ class _NoisyTopK(torch.autograd.Function):
         noise = torch.randn_like(clean) if noise is None else noise.transpose(1, 2).to(clean)
         logits = torch.addcmul(clean, noise, _softplus(noise_logits))
         ctx.has_bias = bias is not None
-        ctx.native = native_router_applies(x, weight, k)
+        # logits in float32 (under autocast the product may be half precision)
+        ctx.native = logits.dtype == torch.float32 and native_router_applies(x, weight, k)
         if ctx.native:  # selection and backward pass in C (see native_router)
             indices, top, noise_sel, nl_sel = select_top_k(logits, noise, both, k)
             gates = softmax_top(top, x.dtype)  # (B, N, k)

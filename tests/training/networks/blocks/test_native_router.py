@@ -85,3 +85,33 @@ def test_applies_to_narrow_float32_cpu_tokens_only():
     assert not native_router_applies(torch.zeros(1, 4, 8, dtype=torch.float64), w.double(), 2)
     assert not native_router_applies(torch.zeros(1, 4, 768), torch.zeros(1, 768, 16), 2)
     assert not native_router_applies(torch.zeros(1, 4, 8), w, 9)  # k > E
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_autocast_takes_the_torch_code(dtype, monkeypatch):
+    """Under CPU autocast the logits are half precision: the C code (float32 only) must not
+    see them (it once read them as float32 and corrupted memory)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 300, generator=g).transpose(1, 2)
+    w, noise = torch.randn(2, 8, 16, generator=g), torch.randn(2, 300, 8, generator=g)
+    with torch.autocast("cpu", dtype=dtype):
+        got = _route(x, w, None, 2, noise, True, monkeypatch)
+        want = _route(x, w, None, 2, noise, False, monkeypatch)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for a, c in zip(got[2], want[2]):
+        assert torch.equal(a, c)
+
+
+@needs_kernel
+def test_the_kernels_refuse_other_dtypes():
+    from training.networks.blocks.native_experts import native_experts
+
+    half = torch.zeros(2, 8, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="logits must be float32"):
+        select_top_k(half, half.float(), torch.zeros(2, 16, 16), 2)
+    w = torch.zeros(8, 8, 32)
+    with pytest.raises(ValueError, match="x must be float32"):
+        native_experts(torch.zeros(4, 8, dtype=torch.float16), torch.zeros(4, 1, dtype=torch.long),
+                       torch.ones(4, 1), w, torch.zeros(8, 32), w.transpose(1, 2),
+                       torch.zeros(8, 8), 0.0, "hidden", None)
