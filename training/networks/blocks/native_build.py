@@ -30,6 +30,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11")
 """Compiler flags (no fast-math: results must match the torch path to rounding)."""
 
@@ -40,8 +42,6 @@ def openmp_flags() -> tuple[str, ...]:
     loaded), which spin between torch's ops, instead of competing with them for the cores
     (2 threads: 15 -> 8 ms at the 65k-token stage). Otherwise none: the kernels then use
     POSIX threads, as a second OpenMP runtime in one process would fight the first."""
-    import torch
-
     lib = Path(torch.__file__).parent / "lib"
     return ("-fopenmp",) if any(lib.glob("libgomp*.so*")) else ()
 
@@ -191,3 +191,30 @@ def load_kernel(source: Path, args_type: type[ctypes.Structure], prefix: str,
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = [ctypes.POINTER(args_type)]
     return lib
+
+
+def require_cpu(source: Path, dtype: torch.dtype, **tensors: torch.Tensor) -> None:
+    """Refuse (ValueError naming the tensor) any of ``tensors`` that is not ``dtype`` on CPU:
+    the kernels read raw memory through the pointers :func:`pointers` hands them."""
+    want = str(dtype).removeprefix("torch.")
+    for name, t in tensors.items():
+        if t.dtype != dtype or t.device.type != "cpu":
+            got = str(t.dtype).removeprefix("torch.")
+            raise ValueError(f"{source.name}: {name} must be {want} on CPU, got {got} on "
+                             f"{t.device}")
+
+
+def pointers(**tensors: torch.Tensor | None) -> dict[str, int | None]:
+    """Each tensor's data pointer (None stays None), for a ctypes ``Args`` struct. The
+    caller keeps the tensors alive until the kernel has returned."""
+    return {name: None if t is None else t.data_ptr() for name, t in tensors.items()}
+
+
+def run_kernel(lib: ctypes.CDLL, source: Path, name: str, args: ctypes.Structure) -> None:
+    """Call entry point ``name`` with ``args``; its status: 0 done, -1 out of memory
+    (MemoryError), anything else arguments it refused (ValueError)."""
+    status = getattr(lib, name)(ctypes.byref(args))
+    if status == -1:
+        raise MemoryError(f"{source.name}: {name} could not allocate its scratch memory")
+    if status != 0:
+        raise ValueError(f"{source.name}: {name} refused its arguments (status {status})")

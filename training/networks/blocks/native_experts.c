@@ -11,10 +11,10 @@
  *     backward pass regenerates the same mask and nothing is stored;
  *   - given (dropped_bits): a bit per unit, set = dropped (dmoe_mark_dropped), to replay a
  *     mask made elsewhere (tests compare with a reference this way).
- * The experts' weights (8 experts of C <= 64:
- * at most 1 MB) stay in cache while every token runs its own k experts: there is no sort,
- * gather or padding, and nothing leaves the registers but the (T, k, C) expert outputs,
- * kept for the gate gradient. The backward pass recomputes the hidden units.
+ * The experts' weights (8 experts of C <= 64: at most 1 MB) stay in cache while every
+ * token runs its own k experts: there is no sort, gather or padding, and nothing leaves
+ * the registers but the (T, k, C) expert outputs, kept for the gate gradient. The
+ * backward pass recomputes the hidden units.
  *
  * Shapes (all contiguous): x (T, C); idx (T, k) int64; gates (T, k); w1 (E, C, H);
  * b1 (E, H); w2 (E, H, C); b2 (E, C); w1t (E, H, C) and w2t (E, C, H) are w1 and w2

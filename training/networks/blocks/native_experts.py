@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from .native_build import load_kernel, load_library
+from .native_build import load_kernel, load_library, pointers, require_cpu, run_kernel
 
 SOURCE = Path(__file__).with_name("native_experts.c")
 
@@ -75,14 +75,8 @@ def native_lanes() -> int:
     return int(_kernel().dmoe_experts_lanes())
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _run(name: str, args: _Args) -> None:
-    status = getattr(_kernel(), name)(ctypes.byref(args))
-    if status != 0:
-        raise MemoryError(f"{SOURCE.name}: {name} could not allocate its scratch memory")
+    run_kernel(_kernel(), SOURCE, name, args)
 
 
 def drop_threshold(p: float) -> int:
@@ -94,14 +88,12 @@ def _args(x, indices, gates, w1, b1, w2, b2, drop, position, **tensors) -> _Args
     """``drop``: ``(p, seed, bits)`` of :func:`native_experts`."""
     (T, C), (E, _, H) = x.shape, w1.shape
     p, seed, dropped_bits = drop
-    pointers = {name: _pointer(t) for name, t in tensors.items()}
     return _Args(
         T=T, k=indices.shape[1], C=C, H=H, E=E, threads=torch.get_num_threads(),
         position=_POSITIONS[position], seed=seed, drop_threshold=drop_threshold(p),
         scale=1.0 / (1.0 - p) if p > 0 else 1.0,
-        x=_pointer(x), gates=_pointer(gates), w1=_pointer(w1), b1=_pointer(b1),
-        w2=_pointer(w2), b2=_pointer(b2), idx=_pointer(indices),
-        dropped_bits=_pointer(dropped_bits), **pointers,
+        **pointers(x=x, gates=gates, w1=w1, b1=b1, w2=w2, b2=b2, idx=indices,
+                   dropped_bits=dropped_bits, **tensors),
     )
 
 
@@ -176,10 +168,8 @@ def native_experts(x, indices, gates, w1, b1, w2, b2, p, position, mask):
         ``(T, C)``.
     """
     T, C = x.shape
-    for name, t in dict(x=x, gates=gates, w1=w1, b1=b1, w2=w2, b2=b2).items():
-        if t.dtype != torch.float32 or t.device.type != "cpu":  # the C code reads raw float32
-            raise ValueError(f"{SOURCE.name}: {name} must be float32 on CPU, got {t.dtype} "
-                             f"on {t.device}")
+    require_cpu(SOURCE, torch.float32, x=x, gates=gates, w1=w1, b1=b1, w2=w2, b2=b2)
+    require_cpu(SOURCE, torch.int64, indices=indices)
     seed, bits = 0, None
     if p > 0 and mask is not None:
         units = T * indices.shape[1] * (w1.shape[2] if position == "hidden" else C)

@@ -1,4 +1,4 @@
-/* The selection and backward pass of noisy top-k routing, token by token (CPU, float32).
+/* The selection and backward pass of noisy top-k routing (CPU, float32).
  *
  * Forward (after torch computed the noisy logits): for every token, the k largest of its
  * E logits (best first; equal values go to the lower expert, NaN counts as the largest, as
@@ -14,8 +14,8 @@
  *
  * Shapes: logits, noise (B, E, N) contiguous; noise logits at nl + b * nl_sample + e * N + n;
  * indices (B, N, k) int64; top (the k values), gates, noise_sel, nl_sel, sig_sel,
- * grad_gates (B, N, k); x and
- * dx at b * xs_b + n * xs_n + c * xs_c; wt, dwt (B, 2E, C); db (B, 2E) or NULL.
+ * grad_gates (B, N, k); x and dx at b * xs_b + n * xs_n + c * xs_c; wt, dwt (B, 2E, C);
+ * db (B, 2E) or NULL.
  * Vector code: k <= 2 runs LANES tokens at a time (compare-and-select, no branches) and so
  * does the backward pass where x's tokens are contiguous (a feature map's, xs_n = 1); the
  * rest, token by token.
@@ -73,7 +73,7 @@ typedef struct {
 /* a ranks above b: larger, or NaN over a number (torch.topk's order). */
 static inline int above(float a, float b) { return a > b || (isnan(a) && !isnan(b)); }
 
-/* Tokens t0..t1 (all of sample b, N, from n0) one at a time. */
+/* Tokens n0..n1 of sample b, one at a time (any k). */
 static void select_tokens(const Args *a, int64_t b, int64_t n0, int64_t n1) {
     const int64_t E = a->E, N = a->N, k = a->k;
     float top[MAX_K];
@@ -153,7 +153,7 @@ static void select_block(const Args *a, int64_t b, int64_t n) {
     }
 }
 
-/* Visit the tokens t0..t1 as runs within one sample: fn(a, b, n0, n1). */
+/* Run BODY once per sample b met in the flat tokens T0..T1, with its tokens n0..n1. */
 #define FOR_SAMPLE_RUNS(T0, T1, N, BODY)                                    \
     for (int64_t t_ = (T0); t_ < (T1);) {                                   \
         const int64_t b = t_ / (N), n0 = t_ % (N);                          \

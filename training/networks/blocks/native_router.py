@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .native_build import load_kernel, load_library
+from .native_build import load_kernel, load_library, pointers, require_cpu, run_kernel
 
 SOURCE = Path(__file__).with_name("native_router.c")
 
@@ -65,23 +65,7 @@ def native_router_applies(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool
 
 
 def _run(name: str, args: _Args) -> None:
-    status = getattr(_kernel(), name)(ctypes.byref(args))
-    if status == -1:
-        raise MemoryError(f"{SOURCE.name}: {name} could not allocate its scratch memory")
-    if status != 0:
-        raise ValueError(f"{SOURCE.name}: {name} refused its arguments (status {status})")
-
-
-def _check_float32_cpu(**tensors: torch.Tensor) -> None:
-    """The C code reads raw float32 memory: refuse anything else before it does."""
-    for name, t in tensors.items():
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{SOURCE.name}: {name} must be float32 on CPU, got {t.dtype} "
-                             f"on {t.device}")
-
-
-def _pointers(**tensors: torch.Tensor | None) -> dict[str, int | None]:
-    return {name: None if t is None else t.data_ptr() for name, t in tensors.items()}
+    run_kernel(_kernel(), SOURCE, name, args)
 
 
 def select_top_k(logits: torch.Tensor, noise: torch.Tensor, both: torch.Tensor, k: int
@@ -100,14 +84,14 @@ def select_top_k(logits: torch.Tensor, noise: torch.Tensor, both: torch.Tensor, 
         experts, each ``(B, N, k)``, best first (ties: lower expert; NaN counts as largest).
     """
     B, E, N = logits.shape
-    _check_float32_cpu(logits=logits, noise=noise, both=both)
+    require_cpu(SOURCE, torch.float32, logits=logits, noise=noise, both=both)
     logits, noise = logits.contiguous(), noise.contiguous()
     both = both.contiguous()
     indices = torch.empty(B, N, k, dtype=torch.int64)
     top, noise_sel, nl_sel = (logits.new_empty(B, N, k) for _ in range(3))
     nl = both[:, E:]  # a view: its pointer starts at the noise logits
     args = _Args(B=B, E=E, N=N, k=k, C=0, threads=torch.get_num_threads(),
-                 nl_sample=2 * E * N, **_pointers(logits=logits, noise=noise, nl=nl,
+                 nl_sample=2 * E * N, **pointers(logits=logits, noise=noise, nl=nl,
                                                   indices=indices, top_out=top,
                                                   noise_out=noise_sel, nl_out=nl_sel))
     _run("dmoe_router_select", args)
@@ -128,8 +112,9 @@ def router_backward(grad_gates: torch.Tensor, gates: torch.Tensor, indices: torc
     B, N, C = x.shape
     E2 = weight.shape[-1]
     k = indices.shape[-1]
-    _check_float32_cpu(grad_gates=grad_gates, gates=gates, noise_sel=noise_sel, nl_sel=nl_sel,
-                       x=x, weight=weight)
+    require_cpu(SOURCE, torch.float32, grad_gates=grad_gates, gates=gates,
+                noise_sel=noise_sel, nl_sel=nl_sel, x=x, weight=weight)
+    require_cpu(SOURCE, torch.int64, indices=indices)
     dense = x.is_contiguous() or x.transpose(1, 2).is_contiguous()
     if not dense:
         x = x.contiguous()
@@ -142,6 +127,6 @@ def router_backward(grad_gates: torch.Tensor, gates: torch.Tensor, indices: torc
                   idx_in=indices.contiguous())  # named: the C code reads raw pointers
     args = _Args(B=B, E=E2 // 2, N=N, k=k, C=C, threads=torch.get_num_threads(),
                  xs_b=x.stride(0), xs_n=x.stride(1), xs_c=x.stride(2),
-                 **_pointers(x=x, wt=wt, dx=dx, dwt=dwt, db=db, **inputs))
+                 **pointers(x=x, wt=wt, dx=dx, dwt=dwt, db=db, **inputs))
     _run("dmoe_router_backward", args)
     return dx, dwt.transpose(1, 2).contiguous(), db
