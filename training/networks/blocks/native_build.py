@@ -94,6 +94,17 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout.strip()
 
 
+_NO_COMPILER_WARNED: set[str] = set()
+"""Compilers already reported missing: one warning per process for all kernels."""
+
+
+def forget_builds() -> None:
+    """Forget the libraries loaded and the missing compilers reported: the next
+    :func:`load_library` looks (and warns) afresh, e.g. after ``CC`` or the cache changed."""
+    load_library.cache_clear()
+    _NO_COMPILER_WARNED.clear()
+
+
 def _warn(source: Path, reason: str) -> None:
     warnings.warn(
         f"napari-dmoe could not build its native kernel {source.name}: {reason}. The layer "
@@ -133,7 +144,13 @@ def load_library(source: Path) -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        _warn(source, f"no C compiler {compiler!r} on PATH")
+        if compiler not in _NO_COMPILER_WARNED:  # the same for every kernel: said once
+            _NO_COMPILER_WARNED.add(compiler)
+            warnings.warn(
+                f"napari-dmoe could not build its native kernels: no C compiler {compiler!r} "
+                "on PATH. The dMoE layers run their pure-torch path instead (same results, "
+                "slower). Install a C compiler (e.g. apt-get install gcc) to get them, or set "
+                f"{DISABLE_VARIABLE}=0 to silence this.", RuntimeWarning, stacklevel=3)
         return None
     try:
         code = source.read_bytes()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from .native_build import load_kernel, load_library, pointers, require_cpu, run_kernel
+from .native_build import forget_builds, load_kernel, pointers, require_cpu, run_kernel
 
 SOURCE = Path(__file__).with_name("native_experts.c")
 
@@ -65,7 +65,7 @@ def native_available() -> bool:
 def forget_kernel() -> None:
     """Forget the loaded kernel: the next call loads (or builds) it again, e.g. after
     ``NAPARI_DMOE_NATIVE_FLAGS`` or ``NAPARI_DMOE_CACHE`` changed."""
-    load_library.cache_clear()
+    forget_builds()
     _kernel.cache_clear()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .native_build import load_kernel, load_library, pointers, require_cpu, run_kernel
+from .native_build import forget_builds, load_kernel, pointers, require_cpu, run_kernel
 
 SOURCE = Path(__file__).with_name("native_router.c")
 
@@ -51,7 +51,7 @@ def _kernel() -> ctypes.CDLL | None:
 
 def forget_kernel() -> None:
     """Forget the loaded kernel (the next call loads or builds it again)."""
-    load_library.cache_clear()
+    forget_builds()
     _kernel.cache_clear()
 
 

@@ -8,19 +8,19 @@ import warnings
 import pytest
 
 from training.networks.blocks import native_build
-from training.networks.blocks.native_build import load_library
+from training.networks.blocks.native_build import forget_builds, load_library
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """An empty build cache, and load_library's memo cleared before and after."""
+    """An empty build cache, and what load_library remembers forgotten before and after."""
     monkeypatch.setenv("NAPARI_DMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(native_build.DISABLE_VARIABLE, raising=False)
-    load_library.cache_clear()
+    forget_builds()
     yield tmp_path / "cache" / "native"
-    load_library.cache_clear()
+    forget_builds()
 
 
 def _source(tmp_path, body="int answer(void) { return 42; }"):
@@ -54,6 +54,17 @@ def test_no_compiler_warns_once_and_returns_none(cache, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_library(_source(tmp_path)) is None  # remembered: no second warning
+
+
+def test_no_compiler_is_said_once_for_all_kernels(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.warns(RuntimeWarning, match="native kernels"):
+        assert load_library(_source(tmp_path)) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_library(_source(other)) is None  # a second kernel: no second warning
 
 
 @needs_compiler
